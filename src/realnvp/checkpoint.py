@@ -1,0 +1,53 @@
+"""Files on disk: atomic writes, and loads that never unpickle arbitrary objects.
+
+Everything is written with ``torch.save`` to a temporary file in the same folder, flushed to
+disk and renamed over the destination, so a crash mid-write never leaves a half-written file
+under the real name. Loads use ``torch.load(weights_only=True)``, which only rebuilds tensors
+and plain containers, and turn every failure into a :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A model or checkpoint file that is missing, truncated, corrupt or from another model."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict:
+    """Load a dict written by :func:`atomic_save` whose ``"format"`` entry equals ``kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for bad zip/pickle data
+        raise CheckpointError(
+            f"{path}: cannot be read as a {kind} file; it is truncated or corrupt ({error})"
+        ) from error
+    if not isinstance(payload, dict) or payload.get("format") != kind:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"{path}: not a {kind} file (format: {found!r})")
+    return payload

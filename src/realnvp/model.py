@@ -1,0 +1,459 @@
+"""The Real NVP model: preprocessing, the multi-scale stack of couplings, and the prior.
+
+Images (``input_shape = (C, H, W)``), paper section 3.6 — each scale but the last is
+
+    3 checkerboard couplings (alternating) → squeeze → 3 channel-wise couplings (alternating)
+    → factor out half of the channels as z_i → next scale,
+
+and the last scale is 4 checkerboard couplings whose output is z_L. Every coupling is followed
+by batch normalisation (section 3.7). The s/t ResNets have ``features · 2^i`` channels at scale i
+in checkerboard couplings and twice that in channel-wise ones (the official code).
+
+Vectors (``input_shape = (D,)``): ``coupling_layers`` couplings with alternating halves and MLP
+s/t networks, each followed by batch normalisation; one latent.
+
+Density (eq. 3): log p(x̃) = log N(f(x̃); 0, I) + log|det ∂f/∂x̃|, the logit preprocessing of
+images included, in nats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bijection import Bijection, Sequential
+from .checkpoint import CheckpointError, atomic_save, safe_load
+from .coupling import AffineCoupling
+from .multiscale import Squeeze, factor_out, latent_shapes
+from .networks import MLP, ResNet, WeightNormConv2d
+from .normalization import BatchNormFlow
+from .preprocessing import LogitTransform, bits_per_dim, dequantize
+
+MODEL_FORMAT = "realnvp-model"
+
+
+@dataclass
+class RealNVPConfig:
+    """Everything that defines a model's architecture (and nothing about training).
+
+    input_shape:      (C, H, W) for images (pixels in [0, 1)), or (D,) for real vectors.
+    scales:           image models: number of scales L (every scale but the last squeezes once).
+    res_blocks:       residual blocks per s/t ResNet; for vector models, hidden layers per MLP.
+    features:         ResNet channels at the first scale (doubling at every scale), or MLP width.
+    coupling_layers:  vector models only: number of coupling layers.
+    num_classes:      None (unconditional), the number of classes, or of binary attributes.
+    label_kind:       "class" (labels are int indices) or "attributes" (float {0,1} vectors).
+    shift_then_scale: the official code's coupling y = (x + t)·exp(s) instead of x·exp(s) + t.
+    batch_norm:       "batch" (batch statistics in training), "lagged" (appendix E) or "none".
+    bn_momentum:      weight of the batch in the running averages (official decay 0.9 → 0.1).
+    bn_eps:           ε of the flow's batch normalisation.
+    logit_alpha:      α of the logit preprocessing.
+    logit_form:       "paper" (p = α + (1−α)x̃) or "official" (p = α + (1−2α)x̃).
+    """
+
+    input_shape: tuple[int, ...] = (3, 32, 32)
+    scales: int = 2
+    res_blocks: int = 8
+    features: int = 64
+    coupling_layers: int = 8
+    num_classes: int | None = None
+    label_kind: Literal["class", "attributes"] = "class"
+    shift_then_scale: bool = False
+    batch_norm: Literal["batch", "lagged", "none"] = "batch"
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-4
+    logit_alpha: float = 0.05
+    logit_form: Literal["paper", "official"] = "paper"
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(s) for s in self.input_shape)
+        if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be (C, H, W) or (D,), got {self.input_shape}")
+        for name in ("scales", "res_blocks", "features", "coupling_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be None or positive, got {self.num_classes}")
+        if self.label_kind not in ("class", "attributes"):
+            raise ValueError(f"label_kind must be 'class' or 'attributes', got {self.label_kind!r}")
+        if self.batch_norm not in ("batch", "lagged", "none"):
+            raise ValueError(f"batch_norm must be batch, lagged or none, got {self.batch_norm!r}")
+        if self.is_image:
+            latent_shapes(self.input_shape, self.scales)  # raises if a squeeze meets an odd size
+        elif self.input_shape[0] < 2:
+            raise ValueError("a vector model needs at least 2 dimensions to couple")
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RealNVPConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RealNVPConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+# The paper's architectures (SPEC section 3). MNIST: 28 → 14 → 7, and 7 cannot be squeezed, so
+# three scales, the last one working at 7×7 (instead of the paper's 4×4).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cifar10": dict(input_shape=(3, 32, 32), scales=2, res_blocks=8, features=64),
+    "imagenet32": dict(input_shape=(3, 32, 32), scales=4, res_blocks=4, features=32),
+    "imagenet64": dict(input_shape=(3, 64, 64), scales=5, res_blocks=2, features=32),
+    "celeba64": dict(input_shape=(3, 64, 64), scales=5, res_blocks=2, features=32),
+    "lsun64": dict(input_shape=(3, 64, 64), scales=5, res_blocks=2, features=32),
+    "mnist": dict(input_shape=(1, 28, 28), scales=3, res_blocks=4, features=32),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> RealNVPConfig:
+    """The config of a preset, with config fields overridden by keyword."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(RealNVPConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown RealNVPConfig fields: {', '.join(unknown)}")
+    return RealNVPConfig(**{**PRESETS[name], **overrides})
+
+
+class RealNVP(nn.Module):
+    """Real NVP density model for images or vectors; see the module docstring."""
+
+    def __init__(self, config: RealNVPConfig) -> None:
+        super().__init__()
+        self.config = config
+        cond = config.num_classes or 0
+        if config.is_image:
+            self.preprocess: Bijection | None = LogitTransform(config.logit_alpha, config.logit_form)
+            self.scales = nn.ModuleList(self._image_scales(config, cond))
+        else:
+            self.preprocess = None
+            self.scales = nn.ModuleList([self._vector_flow(config, cond)])
+
+    # -- construction ---------------------------------------------------------------------
+
+    def _coupling(self, net: nn.Module, mask: str, parity: int, channels: int) -> list[Bijection]:
+        c = self.config
+        layers: list[Bijection] = [
+            AffineCoupling(net, mask, parity, shift_then_scale=c.shift_then_scale)  # type: ignore[arg-type]
+        ]
+        if c.batch_norm != "none":
+            layers.append(
+                BatchNormFlow(channels, momentum=c.bn_momentum, eps=c.bn_eps, mode=c.batch_norm)
+            )
+        return layers
+
+    def _image_scales(self, c: RealNVPConfig, cond: int) -> Iterator[Sequential]:
+        channels = c.input_shape[0]
+        for scale in range(c.scales):
+            width = c.features * 2**scale
+            last = scale == c.scales - 1
+            layers: list[Bijection] = []
+            for k in range(4 if last else 3):
+                net = ResNet(channels, 2 * channels, width, c.res_blocks,
+                             extra_channels=1, cond_features=cond)
+                layers += self._coupling(net, "checkerboard", (k + 1) % 2, channels)
+            if not last:
+                layers.append(Squeeze())
+                channels *= 4
+                for k in range(3):
+                    half = channels // 2
+                    net = ResNet(half, 2 * half, 2 * width, c.res_blocks, cond_features=cond)
+                    layers += self._coupling(net, "channel", k % 2, channels)
+                channels //= 2  # factor out half
+            yield Sequential(*layers)
+
+    def _vector_flow(self, c: RealNVPConfig, cond: int) -> Sequential:
+        d = c.input_shape[0]
+        layers: list[Bijection] = []
+        for k in range(c.coupling_layers):
+            passed = (d + 1) // 2 if k % 2 == 0 else d // 2
+            net = MLP(passed, 2 * (d - passed), c.features, c.res_blocks, cond_features=cond)
+            layers += self._coupling(net, "channel", k % 2, d)
+        return Sequential(*layers)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RealNVP:
+        """A model of one of :data:`PRESETS` (cifar10, imagenet32, imagenet64, celeba64, lsun64,
+        mnist), with config fields overridden by keyword, e.g. ``res_blocks=4``."""
+        return cls(preset_config(name, **overrides))
+
+    # -- input checks -----------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor, what: str, any_size: bool = False) -> None:
+        shape = self.config.input_shape
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != len(shape) + 1:
+            layout = f"(N, C, H, W) with (C, H, W) = {shape}" if self.config.is_image else \
+                f"(N, D) with D = {shape[0]}"
+            raise ValueError(f"{what} must have shape {layout}, got shape {tuple(x.shape)}")
+        if x.shape[1] != shape[0]:
+            raise ValueError(f"{what} has {x.shape[1]} channels, the model expects {shape[0]}")
+        if self.config.is_image and not any_size and tuple(x.shape[2:]) != shape[1:]:
+            raise ValueError(f"{what} has size {tuple(x.shape[2:])}, the model was built for "
+                             f"{shape[1:]}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what} is an empty batch")
+        if x.is_floating_point() and torch.isnan(x).any():
+            raise ValueError(f"{what} contains NaN")
+
+    def _check_pixels(self, x: Tensor) -> None:
+        self._check_input(x, "x")
+        if not self.config.is_image:
+            if not x.is_floating_point():
+                raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+            if torch.isinf(x).any():
+                raise ValueError("x contains infinite values")
+            return
+        if not x.is_floating_point():
+            raise TypeError(f"x must hold dequantised pixels as floats in [0, 1), got {x.dtype}; "
+                            "for integer pixels use bits_per_dim(x) or realnvp.dequantize(x)")
+        lo, hi = float(x.min()), float(x.max())
+        top_ok = hi < 1 if self.config.logit_form == "paper" else hi <= 1
+        if lo < 0 or not top_ok:
+            raise ValueError(f"pixel values must lie in [0, 1) (dequantised (x + u) / 2^n), got "
+                             f"values in [{lo:.4g}, {hi:.4g}]")
+
+    def encode_condition(self, cond: Tensor | None, batch: int) -> Tensor | None:
+        """Labels → the (N, K) float vector the s/t networks see: one-hot classes, or binary
+        attributes mapped to ±1. Checks presence, shape and range."""
+        k = self.config.num_classes
+        if k is None:
+            if cond is not None:
+                raise ValueError("this model is unconditional (num_classes=None): cond must be "
+                                 "None")
+            return None
+        if cond is None:
+            raise ValueError(f"this model is conditional on {k} {self.config.label_kind}: pass "
+                             "cond")
+        if self.config.label_kind == "class":
+            if cond.dim() != 1 or cond.shape[0] != batch or cond.is_floating_point():
+                raise ValueError(f"cond must be an integer tensor of shape ({batch},) of class "
+                                 f"indices, got {cond.dtype} of shape {tuple(cond.shape)}")
+            if cond.min() < 0 or cond.max() >= k:
+                raise ValueError(f"class labels must be in [0, {k - 1}], got "
+                                 f"[{int(cond.min())}, {int(cond.max())}]")
+            return F.one_hot(cond.long(), k).to(self._dtype())
+        if cond.shape != (batch, k):
+            raise ValueError(f"cond must be a ({batch}, {k}) attribute tensor, got "
+                             f"{tuple(cond.shape)}")
+        if not ((cond == 0) | (cond == 1)).all():
+            raise ValueError("attribute labels must be 0 or 1")
+        return cond.to(self._dtype()) * 2 - 1
+
+    def _dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- the bijection x̃ → [z_1, …, z_L] ------------------------------------------------
+
+    def _forward(self, x: Tensor, cond: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        c = self.encode_condition(cond, x.shape[0])
+        logdet = x.new_zeros(x.shape[0])
+        h = x
+        if self.preprocess is not None:
+            h, logdet = self.preprocess(h)
+        latents = []
+        for i, scale in enumerate(self.scales):
+            h, scale_logdet = scale(h, c)
+            logdet = logdet + scale_logdet
+            if i < len(self.scales) - 1:
+                h, z = factor_out(h)
+                latents.append(z)
+        latents.append(h)
+        return latents, logdet
+
+    def _inverse(self, latents: list[Tensor], cond: Tensor | None) -> Tensor:
+        c = self.encode_condition(cond, latents[0].shape[0])
+        h = latents[-1]
+        for i in reversed(range(len(self.scales))):
+            if i < len(self.scales) - 1:
+                h = torch.cat([h, latents[i]], dim=1)
+            h, _ = self.scales[i].inverse(h, c)
+        if self.preprocess is not None:
+            h, _ = self.preprocess.inverse(h)
+        return h
+
+    @contextlib.contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        """Encoding, decoding and sampling always use the eval-mode bijection (running
+        batch-norm statistics), whatever mode the module is in, and leave that mode as it was."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    # -- public API --------------------------------------------------------------------------
+
+    def log_prob(self, x: Tensor, cond: Tensor | None = None, *, check: bool = True) -> Tensor:
+        """Log-density in nats, shape (N,).
+
+        Images: x is (N, C, H, W) float dequantised pixels in [0, 1); the density is that of x̃
+        on [0, 1]^D, the logit Jacobian included. Vectors: x is (N, D) real. In train mode the
+        flow's batch norm uses batch statistics (the training objective); in eval mode it is the
+        model's exact density. ``check=False`` skips input validation and the finiteness check
+        (the training loop handles non-finite losses itself).
+        """
+        if check:
+            self._check_pixels(x)
+        latents, logdet = self._forward(x, cond)
+        log_prob = logdet + sum(standard_normal_log_prob(z) for z in latents)
+        if check and not torch.isfinite(log_prob).all():
+            raise FloatingPointError(
+                "log_prob produced a non-finite value: the model's weights or batch-norm "
+                "statistics have diverged (or the input lies at the edge of the logit's domain)"
+            )
+        return log_prob
+
+    def bits_per_dim(
+        self,
+        x: Tensor,
+        cond: Tensor | None = None,
+        *,
+        n_bits: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Bits/dim of integer images x ∈ {0, …, 2ⁿ − 1}, shape (N,): draws u ~ U[0, 1)^D,
+        x̃ = (x + u) / 2ⁿ and returns (−log p(x̃) + D·n·ln 2) / (D·ln 2)."""
+        if not self.config.is_image:
+            raise ValueError("bits_per_dim is for image models; use log_prob for vectors")
+        self._check_input(x, "x")
+        if not 1 <= n_bits <= 8:
+            raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+        if x.is_floating_point() and not torch.equal(x, x.round()):
+            raise ValueError("bits_per_dim takes integer pixel values (e.g. uint8), got "
+                             "non-integer floats; for dequantised pixels use log_prob")
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 2**n_bits - 1:
+            raise ValueError(f"{n_bits}-bit pixel values must be in [0, {2**n_bits - 1}], got "
+                             f"[{lo}, {hi}]")
+        x_tilde = dequantize(x.to(self._device()), n_bits, generator).to(self._dtype())
+        return bits_per_dim(self.log_prob(x_tilde, cond), x[0].numel(), n_bits)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def latent_shapes(self, shape: tuple[int, ...] | None = None) -> list[tuple[int, ...]]:
+        """Per-scale latent shapes (without the batch dimension) for inputs of ``shape``
+        ((C, H, W) or (H, W); the training shape by default)."""
+        c = self.config
+        if not c.is_image:
+            return [c.input_shape]
+        shape = tuple(shape) if shape is not None else c.input_shape
+        if len(shape) == 2:
+            shape = (c.input_shape[0], *shape)
+        if shape[0] != c.input_shape[0]:
+            raise ValueError(f"the model has {c.input_shape[0]} channels, not {shape[0]}")
+        return latent_shapes(shape, c.scales)  # type: ignore[arg-type]
+
+    def encode(self, x: Tensor, cond: Tensor | None = None) -> list[Tensor]:
+        """x (N, C, H, W) in [0, 1) (or (N, D)) → [z_1, …, z_L], finest scale first (eval mode).
+        Inputs of another spatial size are accepted where every squeeze meets an even size."""
+        self._check_input(x, "x", any_size=True)
+        with self._eval_mode():
+            return self._forward(x, cond)[0]
+
+    def decode(self, latents: list[Tensor], cond: Tensor | None = None) -> Tensor:
+        """Exact inverse of :meth:`encode` (eval mode): [z_1, …, z_L] → x."""
+        if not isinstance(latents, (list, tuple)) or len(latents) != len(self.scales):
+            raise ValueError(f"decode takes a list of {len(self.scales)} latent tensors, one per "
+                             "scale, as returned by encode")
+        if self.config.is_image:
+            n, c, h, w = latents[0].shape
+            expected = self.latent_shapes((h * 2, w * 2) if len(self.scales) > 1 else (h, w))
+        else:
+            expected = [self.config.input_shape]
+        got = [tuple(z.shape[1:]) for z in latents]
+        if got != [tuple(s) for s in expected]:
+            raise ValueError(f"latent shapes {got} do not fit this model; expected {expected}")
+        with self._eval_mode():
+            return self._inverse(list(latents), cond)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        temperature: float = 1.0,
+        cond: Tensor | None = None,
+        shape: tuple[int, int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """n samples x = f⁻¹(z), z ~ N(0, T² I), in eval mode. Images: (n, C, H, W) clamped to
+        [0, 1]; ``shape=(H, W)`` samples at another size (the networks are convolutional).
+        Vectors: (n, D)."""
+        if n < 1:
+            raise ValueError(f"n must be positive, got {n}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device, dtype = self._device(), self._dtype()
+        latents = [
+            temperature * torch.randn((n, *s), generator=generator, device=device, dtype=dtype)
+            for s in self.latent_shapes(shape)
+        ]
+        with self._eval_mode():
+            x = self._inverse(latents, cond)
+        return x.clamp(0, 1) if self.config.is_image else x
+
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The parameters the paper's recipe L2-penalises: weight-norm magnitudes and the
+        couplings' tanh scales."""
+        params: list[nn.Parameter] = []
+        for module in self.modules():
+            if isinstance(module, WeightNormConv2d):
+                params.append(module.weight_g)
+            elif isinstance(module, AffineCoupling):
+                params.append(module.scale)
+        return params
+
+    # -- files -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Weights, batch-norm statistics and config in one file (written atomically)."""
+        atomic_save({"format": MODEL_FORMAT, "version": 1, "config": self.config.to_dict(),
+                     "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RealNVP:
+        """Rebuild a model from a file written by :meth:`save` (or a training checkpoint)."""
+        payload = safe_load(path, MODEL_FORMAT, map_location)
+        model = cls(RealNVPConfig.from_dict(payload["config"]))
+        model.load_state_dict(payload["state_dict"])
+        return model
+
+    def load_weights(self, path: str | Path) -> None:
+        """Load weights into this model; the file must come from a model of the same config."""
+        payload = safe_load(path, MODEL_FORMAT, self._device())
+        mine, theirs = self.config.to_dict(), payload["config"]
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: file {theirs.get(k)!r} vs model {mine.get(k)!r}"
+                               for k in differ)
+            raise CheckpointError(f"{path}: saved from another config ({detail})")
+        self.load_state_dict(payload["state_dict"])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over all but the batch dimension, (N, ...) → (N,)."""
+    return -0.5 * (z.reshape(z.shape[0], -1).pow(2) + math.log(2 * math.pi)).sum(dim=1)

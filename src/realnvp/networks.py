@@ -1,0 +1,143 @@
+"""The s/t networks of the coupling layers (paper, section 4.1 and the official code).
+
+They are never inverted and never differentiated for a log-determinant, so they can be any
+network. Each maps the passed-through part of the input, shape (N, C_in, H, W) or (N, D_in),
+to ``2 * C_out`` outputs: ``raw_s`` and ``t`` of the transformed part. Their last layer starts
+at zero so that every coupling starts as the identity map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class WeightNormConv2d(nn.Module):
+    """Convolution with weight normalisation (Salimans & Kingma 2016): w = g · v / ‖v‖ per output
+    channel. The magnitudes ``g`` are what the training recipe L2-penalises (5e-5 · Σ g²)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, zero_init: bool = False
+    ) -> None:
+        super().__init__()
+        self.padding = kernel_size // 2
+        v = torch.empty(out_channels, in_channels, kernel_size, kernel_size)
+        nn.init.kaiming_normal_(v, nonlinearity="relu")
+        self.weight_v = nn.Parameter(v)
+        g = torch.zeros(out_channels, 1, 1, 1) if zero_init else v.flatten(1).norm(dim=1)
+        self.weight_g = nn.Parameter(g.view(out_channels, 1, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def weight(self) -> Tensor:
+        v = self.weight_v
+        return self.weight_g * v * torch.rsqrt(v.pow(2).sum(dim=(1, 2, 3), keepdim=True))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight(), self.bias, padding=self.padding)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-activation block: BN → ReLU → 3×3 conv → BN → ReLU → 3×3 conv, plus the input."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(features)
+        self.conv1 = WeightNormConv2d(features, features, 3)
+        self.norm2 = nn.BatchNorm2d(features)
+        self.conv2 = WeightNormConv2d(features, features, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return x + h
+
+
+class ResNet(nn.Module):
+    """The paper's convolutional s/t network.
+
+    Input (official code): ``2 · BN(x)`` concatenated with its negation (CReLU once the ReLU is
+    applied) and, for checkerboard couplings, the mask as one more channel. Then a 3×3
+    convolution, ``blocks`` residual blocks, and a WaveNet-style sum of 1×1 "skip" convolutions
+    of the stem and of every block's output, followed by BN → ReLU → 3×3 convolution to
+    ``out_channels``. A conditioning vector (N, K) enters as a learned per-channel bias after the
+    stem.
+
+    Shapes: x (N, in_channels, H, W), extra (1 or N, extra_channels, H, W), cond (N, K)
+    → (N, out_channels, H, W).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        features: int,
+        blocks: int,
+        *,
+        extra_channels: int = 0,
+        cond_features: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_norm = nn.BatchNorm2d(in_channels)
+        self.stem = WeightNormConv2d(2 * in_channels + extra_channels, features, 3)
+        self.cond_proj = nn.Linear(cond_features, features) if cond_features else None
+        self.stem_skip = WeightNormConv2d(features, features, 1)
+        self.blocks = nn.ModuleList(ResidualBlock(features) for _ in range(blocks))
+        self.skips = nn.ModuleList(WeightNormConv2d(features, features, 1) for _ in range(blocks))
+        self.out_norm = nn.BatchNorm2d(features)
+        self.out_conv = WeightNormConv2d(features, out_channels, 3, zero_init=True)
+
+    def forward(
+        self, x: Tensor, cond: Tensor | None = None, extra: Tensor | None = None
+    ) -> Tensor:
+        h = 2.0 * self.in_norm(x)
+        parts = [h, -h]
+        if extra is not None:
+            parts.append(extra.expand(x.shape[0], -1, -1, -1))
+        h = self.stem(F.relu(torch.cat(parts, dim=1)))
+        if self.cond_proj is not None:
+            if cond is None:
+                raise ValueError("this network is conditional: pass cond")
+            h = h + self.cond_proj(cond)[:, :, None, None]
+        skip = self.stem_skip(h)
+        for block, skip_conv in zip(self.blocks, self.skips):
+            h = block(h)
+            skip = skip + skip_conv(h)
+        return self.out_conv(F.relu(self.out_norm(skip)))
+
+
+class MLP(nn.Module):
+    """Fully connected s/t network for vector data: (N, in_features) → (N, out_features).
+
+    ``layers`` hidden layers of width ``hidden`` with ReLU; the conditioning vector, if any, is
+    concatenated to the input. The output layer starts at zero (identity coupling).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int,
+        layers: int,
+        *,
+        cond_features: int = 0,
+    ) -> None:
+        super().__init__()
+        self.cond_features = cond_features
+        widths = [in_features + cond_features] + [hidden] * max(layers, 1)
+        hidden_layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            hidden_layers += [nn.Linear(a, b), nn.ReLU()]
+        self.hidden = nn.Sequential(*hidden_layers)
+        self.out = nn.Linear(hidden, out_features)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, x: Tensor, cond: Tensor | None = None, extra: Tensor | None = None
+    ) -> Tensor:
+        if self.cond_features:
+            if cond is None:
+                raise ValueError("this network is conditional: pass cond")
+            x = torch.cat([x, cond], dim=1)
+        return self.out(self.hidden(x))

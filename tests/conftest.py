@@ -1,0 +1,45 @@
+"""Shared fixtures: the real datasets beside the checkout, and weight perturbation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from realnvp import BatchNormFlow, RealNVP, RealNVPConfig
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; a missing copy fails the tests that need it (never skips)."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"the real datasets are missing: {SHARED_DATA} does not exist")
+    return SHARED_DATA
+
+
+def perturb(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Move every parameter and batch-norm statistic away from its initial value.
+
+    A model at initialisation is nearly the identity (zero last layers, unit running variances)
+    and would hide bugs in inverses and log-determinants.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+        for m in module.modules():
+            if isinstance(m, (BatchNormFlow, torch.nn.modules.batchnorm._BatchNorm)):
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return module
+
+
+def small_image_model(shape=(3, 8, 8), scales=2, **overrides) -> RealNVP:
+    """A tiny image model for exact checks (1 residual block, 4 features)."""
+    return RealNVP(RealNVPConfig(input_shape=shape, scales=scales, res_blocks=1, features=4,
+                                 **overrides))
+
+

@@ -1,0 +1,187 @@
+"""Every bijection: exact inverse, and log-determinant equal to the brute-force Jacobian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb
+from torch.autograd.functional import jacobian
+
+from realnvp import (
+    MLP,
+    AffineCoupling,
+    BatchNormFlow,
+    LogitTransform,
+    ResNet,
+    Sequential,
+    Squeeze,
+    channel_mask,
+    checkerboard_mask,
+)
+
+
+def checkerboard_coupling(parity: int, shift_then_scale: bool = False, cond: int = 0):
+    net = ResNet(3, 6, 8, 1, extra_channels=1, cond_features=cond)
+    return AffineCoupling(net, "checkerboard", parity, shift_then_scale=shift_then_scale)
+
+
+def channel_coupling(parity: int, channels: int = 4, shift_then_scale: bool = False):
+    first = (channels + 1) // 2
+    passed = first if parity == 0 else channels - first
+    net = ResNet(passed, 2 * (channels - passed), 8, 1)
+    return AffineCoupling(net, "channel", parity, shift_then_scale=shift_then_scale)
+
+
+def vector_coupling(parity: int, d: int = 5):
+    passed = (d + 1) // 2 if parity == 0 else d // 2
+    return AffineCoupling(MLP(passed, 2 * (d - passed), 16, 2), "channel", parity)
+
+
+# (name, factory, input shape without batch)
+LAYERS = [
+    ("checkerboard-0", lambda: checkerboard_coupling(0), (3, 4, 4)),
+    ("checkerboard-1", lambda: checkerboard_coupling(1), (3, 4, 4)),
+    ("checkerboard-shift-then-scale", lambda: checkerboard_coupling(1, True), (3, 4, 4)),
+    ("channel-0", lambda: channel_coupling(0), (4, 2, 2)),
+    ("channel-1", lambda: channel_coupling(1), (4, 2, 2)),
+    ("channel-odd-1", lambda: channel_coupling(1, channels=3), (3, 2, 2)),
+    ("channel-shift-then-scale", lambda: channel_coupling(0, shift_then_scale=True), (4, 2, 2)),
+    ("vector-0", lambda: vector_coupling(0), (5,)),
+    ("vector-1", lambda: vector_coupling(1), (5,)),
+    ("batchnorm", lambda: BatchNormFlow(3), (3, 2, 3)),
+    ("batchnorm-lagged", lambda: BatchNormFlow(3, mode="lagged"), (3, 2, 3)),
+    ("batchnorm-vector", lambda: BatchNormFlow(5), (5,)),
+    ("logit-paper", lambda: LogitTransform(0.05, "paper"), (2, 3, 3)),
+    ("logit-official", lambda: LogitTransform(0.05, "official"), (2, 3, 3)),
+    ("squeeze", Squeeze, (2, 4, 4)),
+    ("sequential", lambda: Sequential(checkerboard_coupling(0), BatchNormFlow(3),
+                                      checkerboard_coupling(1)), (3, 4, 4)),
+]
+
+
+def make(factory, dtype, seed=0):
+    layer = factory().to(dtype)
+    return perturb(layer, seed, scale=0.1).eval()
+
+
+def inputs(shape, n, dtype, pixels):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((n, *shape), generator=g, dtype=dtype)
+    return x * 0.98 + 0.01 if pixels else 2 * x - 1
+
+
+@pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[n for n, _, _ in LAYERS])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_inverse_of_forward(name, factory, shape, dtype, tol):
+    layer = make(factory, dtype)
+    x = inputs(shape, 6, dtype, pixels=name.startswith("logit"))
+    with torch.no_grad():
+        y, logdet = layer(x)
+        x_back, inv_logdet = layer.inverse(y)
+    assert logdet.shape == (6,)
+    assert (x_back - x).abs().max() <= tol
+    assert (logdet + inv_logdet).abs().max() <= tol * max(1.0, logdet.abs().max().item())
+    # The map is not the identity: perturbed weights make it move every example.
+    if name != "squeeze":
+        assert (y - x).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name,factory,shape", LAYERS, ids=[n for n, _, _ in LAYERS])
+def test_logdet_matches_jacobian(name, factory, shape):
+    layer = make(factory, torch.float64)
+    x = inputs(shape, 3, torch.float64, pixels=name.startswith("logit"))
+    _, logdet = layer(x)
+    for i in range(x.shape[0]):
+        def f(v):
+            return layer(v.view(1, *shape))[0].flatten()
+        jac = jacobian(f, x[i].flatten())
+        expected = torch.linalg.slogdet(jac).logabsdet
+        assert torch.allclose(logdet[i], expected, rtol=1e-6, atol=1e-9), (logdet[i], expected)
+    # The inverse's log-determinant is the log|det| of the inverse map.
+    y = layer(x)[0].detach()
+    _, inv_logdet = layer.inverse(y)
+    jac = jacobian(lambda v: layer.inverse(v.view(1, *y.shape[1:]))[0].flatten(), y[0].flatten())
+    assert torch.allclose(inv_logdet[0], torch.linalg.slogdet(jac).logabsdet, rtol=1e-6)
+
+
+def test_checkerboard_coupling_passes_masked_pixels_unchanged():
+    layer = make(lambda: checkerboard_coupling(1), torch.float64)
+    x = inputs((3, 4, 4), 2, torch.float64, pixels=False)
+    y, _ = layer(x)
+    b = checkerboard_mask(4, 4, 1, dtype=torch.float64)
+    assert torch.equal(y * b, x * b)  # i + j odd: passed through
+    assert (y - x)[:, :, b[0, 0] == 0].abs().min() > 0  # i + j even: every entry changed
+
+
+def test_masks():
+    b = checkerboard_mask(3, 4, 1)
+    assert b.shape == (1, 1, 3, 4)
+    assert b[0, 0].tolist() == [[0, 1, 0, 1], [1, 0, 1, 0], [0, 1, 0, 1]]
+    assert torch.equal(checkerboard_mask(3, 4, 0), 1 - b)
+    assert channel_mask(4, 0).flatten().tolist() == [1, 1, 0, 0]
+    assert channel_mask(5, 1).flatten().tolist() == [0, 0, 0, 1, 1]
+
+
+def test_squeeze_layout_mixes_checkerboard_colours():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    y, _ = Squeeze()(x)
+    assert y.shape == (1, 4, 2, 2)
+    # channel 2i + j holds sub-pixel (i, j) of each 2×2 block
+    assert y[0, :, 0, 0].tolist() == [0.0, 1.0, 4.0, 5.0]
+    colour = checkerboard_mask(4, 4, 0)
+    squeezed_colour, _ = Squeeze()(colour)
+    first_half = squeezed_colour[0, :2]
+    assert 0 < first_half.mean() < 1  # the first channel half holds both colours
+    with pytest.raises(ValueError, match="even"):
+        Squeeze()(torch.zeros(1, 1, 3, 4))
+
+
+def test_couplings_start_as_identity():
+    for layer, shape in [(checkerboard_coupling(0), (3, 4, 4)), (channel_coupling(1), (4, 2, 2)),
+                         (vector_coupling(0), (5,))]:
+        x = inputs(shape, 4, torch.float32, pixels=False)
+        y, logdet = layer.eval()(x)
+        assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(4))
+
+
+def test_bounded_scale_never_overflows():
+    layer = checkerboard_coupling(0)
+    with torch.no_grad():
+        layer.net.out_conv.weight_g.fill_(1e6)  # raw_s enormous
+    x = inputs((3, 4, 4), 2, torch.float32, pixels=False)
+    y, logdet = layer.eval()(x)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    assert logdet.abs().max() <= 3 * 4 * 4 * layer.scale.abs().item() + 1e-3
+
+
+def test_batchnorm_train_uses_batch_statistics_and_updates_running():
+    bn = BatchNormFlow(2, momentum=0.1).double()
+    x = torch.randn(64, 2, 3, 3, dtype=torch.float64) * 3 + 5
+    y, logdet = bn.train()(x)
+    assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-10
+    assert (y.var(dim=(0, 2, 3), unbiased=False) - 1).abs().max() < 1e-3
+    var = x.var(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(logdet, (-0.5 * torch.log(var + 1e-4).sum() * 9).expand(64))
+    assert torch.allclose(bn.running_mean, 0.1 * x.mean(dim=(0, 2, 3)))
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var)
+    # the lagged variant normalises with the blend of running and batch statistics
+    lagged = BatchNormFlow(2, momentum=0.1, mode="lagged").double().train()
+    y, _ = lagged(x)
+    mean = 0.1 * x.mean(dim=(0, 2, 3))
+    assert torch.allclose(y[:, :, 0, 0], (x[:, :, 0, 0] - mean) / torch.sqrt(0.9 + 0.1 * var
+                                                                          + 1e-4))
+    assert torch.allclose(lagged.running_mean, mean)
+    # the inverse always uses the running statistics
+    bn.eval()
+    z, _ = bn(x)
+    assert torch.allclose(bn.inverse(z)[0], x)
+
+
+def test_conditional_network_needs_cond():
+    layer = checkerboard_coupling(0, cond=3)
+    x = inputs((3, 4, 4), 2, torch.float32, pixels=False)
+    with pytest.raises(ValueError, match="conditional"):
+        layer(x)
+    perturb(layer, scale=0.1).eval()
+    c1, c2 = torch.eye(3)[[0, 1]], torch.eye(3)[[2, 2]]
+    assert not torch.allclose(layer(x, c1)[0], layer(x, c2)[0])

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,7 +141,9 @@ class RealNVP(nn.Module):
         self.config = config
         cond = config.num_classes or 0
         if config.is_image:
-            self.preprocess: Bijection | None = LogitTransform(config.logit_alpha, config.logit_form)
+            self.preprocess: Bijection | None = LogitTransform(
+                config.logit_alpha, config.logit_form
+            )
             self.scales = nn.ModuleList(self._image_scales(config, cond))
         else:
             self.preprocess = None

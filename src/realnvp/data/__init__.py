@@ -1,0 +1,136 @@
+"""Image datasets in their standard on-disk formats, and 2-D toy densities.
+
+Every image dataset is an :class:`ImageDataset` whose :meth:`~ImageDataset.get_batch` returns
+``uint8`` images ``(B, C, H, W)`` with values 0..255 (dequantisation and the logit transform are
+the model's business) and labels: ``int64 (B,)`` class labels, ``float32 (B, A)`` binary
+attribute vectors, or ``None`` for unlabelled data.  Augmentation is separate:
+:meth:`~ImageDataset.train_transform` draws only from the ``torch.Generator`` it is given, so a
+resumed run sees exactly the same crops and flips.
+
+Formats (``load_dataset(name, data_dir, split)``) and split rules:
+
+==============  ============================================================  =================
+name            files in ``data_dir``                                         splits
+==============  ============================================================  =================
+``mnist``       IDX ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, train: 60k minus
+                ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte``, each  the valid slice
+                plain or ``.gz``; (1, 28, 28), 10 classes                     (5000); test: t10k
+``mnist-t10k``  only the two t10k files (the bundled demo data)               train: 9000;
+                                                                              valid = test: the
+                                                                              other 1000
+``cifar10``     pickle batches ``data_batch_1..5`` and ``test_batch``, in     train: 50k minus
+                ``data_dir`` or ``data_dir/cifar-10-batches-py``;             valid slice
+                (3, 32, 32), 10 classes, random flips                         (5000); test:
+                                                                              test_batch
+``celeba``      ``img_align_celeba/*.jpg`` or a ``*.zip`` of them, with       official
+                ``list_eval_partition.txt`` (0/1/2 = train/valid/test) and    partition
+                optional ``list_attr_celeba.txt`` (40 attributes); crop rows
+                40:188, cols 15:163, resize to (3, 64, 64); random flips
+``lsun``        a folder of images (one category, recursive)                  ``train/`` and
+                stored at 96x96 (smaller side resized to 96, centre crop),    ``valid/`` (or
+                (3, 64, 64) after the transforms: random crop + flip for      ``val/``) if
+                training, centre crop for evaluation                          present, else a
+                                                                              slice (10%, max
+                                                                              3000); test=valid
+``imagenet32``  van den Oord downsampled ImageNet: PNG folders                train: train
+``imagenet64``  ``train_32x32/`` and ``valid_32x32/`` (``_64x64``); every     folder; valid =
+                image exactly 32x32 (64x64) RGB                               test: valid folder
+``folder``      any folder of images of one size (recursive); all mode "L"    slice (10%);
+                gives 1 channel, anything else is converted to RGB            test = valid
+``npz``         one ``.npz`` (``data_dir`` is the file or a folder holding    ``x_valid`` if
+                exactly one) with uint8 ``x_train``, ``x_test``, optional     present, else a
+                ``x_valid`` and ``y_*``; NHWC, NCHW or (N, H, W)              slice of
+                                                                              ``x_train`` (10%,
+                                                                              max 5000)
+==============  ============================================================  =================
+
+A "slice" is a seeded random subset: ``numpy.random.default_rng(seed).permutation(n)[:valid_size]``
+of the training source is the validation split and the rest is the training split (both kept
+in source order), so the same ``seed`` and ``valid_size`` always give the same, disjoint splits.
+``valid_size`` overrides the default and is ignored where the format has its own validation
+set (celeba, imagenet, lsun with split folders, npz with ``x_valid``).  The public test sets of
+downsampled ImageNet and LSUN are not available, so their ``test`` split is the validation set.
+
+Images of JPEG/PNG datasets are decoded lazily in :meth:`~ImageDataset.get_batch` and cached in
+memory as uint8 arrays (set ``dataset.cache = False`` to turn this off), so only the first epoch
+decodes.  :func:`load_dataset` checks the files up front (headers, file lists, partition files)
+and raises :class:`DatasetError` for missing, truncated, corrupt or malformed files; decoding
+errors found later name the file too.  Resampling uses ``PIL.Image.LANCZOS`` (antialiased).
+
+``dataset[i]`` (for a plain ``DataLoader``) gives ``(image, label)`` with the image after
+:meth:`~ImageDataset.eval_transform` and ``label = tensor(-1)`` for unlabelled datasets.
+
+Layout: :mod:`.base` (dataset classes, transforms, split helpers), :mod:`.formats` (one reader
+per format), :mod:`.toy` (2-D toy densities); everything public is re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import formats
+from .base import (
+    IMAGE_EXTENSIONS,
+    RESAMPLE,
+    SPLITS,
+    DatasetError,
+    ImageDataset,
+    LazyImageDataset,
+    TensorImageDataset,
+)
+from .toy import TOY_DATASETS, toy_dataset
+
+__all__ = [
+    "DATASETS",
+    "IMAGE_EXTENSIONS",
+    "RESAMPLE",
+    "SPLITS",
+    "TOY_DATASETS",
+    "DatasetError",
+    "ImageDataset",
+    "LazyImageDataset",
+    "TensorImageDataset",
+    "load_dataset",
+    "toy_dataset",
+]
+
+DATASETS: tuple[str, ...] = (
+    "mnist", "mnist-t10k", "cifar10", "celeba", "lsun", "imagenet32", "imagenet64", "folder", "npz",
+)
+
+
+def load_dataset(name: str, data_dir: str | Path, split: str = "train", *, seed: int = 0,
+                 valid_size: int | None = None) -> ImageDataset:
+    """Load one split (``"train"``, ``"valid"`` or ``"test"``) of dataset ``name``.
+
+    See the module docstring for the formats and split rules.  ``seed`` chooses the validation
+    slice (where there is one) and ``valid_size`` its size.  Raises ``ValueError`` for an
+    unknown name or split and :class:`DatasetError` for missing or malformed files.
+    """
+    if name in TOY_DATASETS:
+        raise ValueError(f"{name!r} is a 2-D toy dataset: use toy_dataset({name!r}, n)")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if valid_size is not None and (isinstance(valid_size, bool) or not isinstance(valid_size, int)
+                                   or valid_size < 0):
+        raise ValueError(f"valid_size must be a non-negative int or None, got {valid_size!r}")
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.exists():
+        raise DatasetError(f"{data_dir}: not found (data_dir of dataset {name!r})")
+    if name in ("mnist", "mnist-t10k"):
+        return formats.load_mnist(data_dir, split, seed, valid_size, t10k_only=name == "mnist-t10k")
+    if name == "npz":
+        return formats.load_npz(data_dir, split, seed, valid_size)
+    if not data_dir.is_dir():
+        raise DatasetError(f"{data_dir}: not a folder (data_dir of dataset {name!r})")
+    if name == "cifar10":
+        return formats.load_cifar10(data_dir, split, seed, valid_size)
+    if name == "celeba":
+        return formats.load_celeba(data_dir, split)
+    if name == "lsun":
+        return formats.load_lsun(data_dir, split, seed, valid_size)
+    if name in ("imagenet32", "imagenet64"):
+        return formats.load_imagenet(data_dir, split, int(name[-2:]))
+    return formats.load_folder(data_dir, split, seed, valid_size)

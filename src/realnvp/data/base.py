@@ -1,0 +1,337 @@
+"""Dataset base classes, augmentation transforms and file helpers shared by the formats."""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+RESAMPLE = Image.LANCZOS  # filter for every resize (antialiased when downsampling)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset file is missing, truncated, corrupt or wrongly formatted (message names it)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset classes
+# ---------------------------------------------------------------------------------------------
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Base class: a split of an image dataset, with optional labels.
+
+    Attributes:
+        name, split: as given to :func:`load_dataset`.
+        image_shape: ``(C, H, W)`` of images after :meth:`train_transform`/:meth:`eval_transform`.
+        stored_shape: ``(C, H, W)`` of images returned by :meth:`get_batch` (differs from
+            ``image_shape`` only for LSUN: 96x96 stored, 64x64 after the transforms).
+        num_classes: class count, attribute count for attribute vectors, ``None`` if unlabelled.
+        label_kind: ``"class"``, ``"attributes"`` or ``None``.
+        labels: ``int64 (N,)``, ``float32 (N, A)`` or ``None``.
+        source_indices: ``int64 (N,)`` numpy array, the position of each item in its source
+            (e.g. in the 60,000 MNIST training images, or the CelebA partition file).
+        class_names / attribute_names: names of the labels, when known.
+        random_flip: whether :meth:`train_transform` flips images horizontally (p = 1/2 each).
+        crop_size: side of the square crop made by the transforms, or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        split: str,
+        stored_shape: tuple[int, int, int],
+        source_indices: np.ndarray,
+        labels: torch.Tensor | None = None,
+        label_kind: str | None = None,
+        num_classes: int | None = None,
+        random_flip: bool = False,
+        crop_size: int | None = None,
+        class_names: Sequence[str] | None = None,
+        attribute_names: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.split = split
+        self.stored_shape = tuple(int(s) for s in stored_shape)
+        channels = self.stored_shape[0]
+        self.image_shape = (channels, crop_size, crop_size) if crop_size else self.stored_shape
+        self.source_indices = np.asarray(source_indices, dtype=np.int64)
+        self.labels = labels
+        self.label_kind = label_kind if labels is not None else None
+        self.num_classes = num_classes if labels is not None else None
+        self.random_flip = random_flip
+        self.crop_size = crop_size
+        self.class_names = tuple(class_names) if class_names is not None else None
+        self.attribute_names = tuple(attribute_names) if attribute_names is not None else None
+
+    def __len__(self) -> int:
+        return len(self.source_indices)
+
+    def __repr__(self) -> str:
+        labels = f"{self.label_kind}/{self.num_classes}" if self.label_kind else "none"
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+                f"image_shape={self.image_shape}, labels={labels})")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image, label)`` with the image after :meth:`eval_transform`, uint8 ``image_shape``.
+
+        The label is an int64 scalar tensor (class), a float32 ``(A,)`` tensor (attributes) or
+        ``tensor(-1)`` when the dataset is unlabelled, so that default collation works.  The
+        training loop should use :meth:`get_batch` and the transforms instead.
+        """
+        images, labels = self.get_batch(torch.tensor([index]))
+        label = labels[0] if labels is not None else torch.tensor(-1, dtype=torch.int64)
+        return self.eval_transform(images)[0], label
+
+    def get_batch(self, indices: torch.Tensor | Sequence[int]) -> tuple[
+            torch.Tensor, torch.Tensor | None]:
+        """Images ``uint8 (B, *stored_shape)`` and labels (``int64 (B,)``, ``float32 (B, A)``
+        or ``None``) of the items at ``indices`` (1-D, ints in ``[0, len)``); deterministic."""
+        idx = self._check_indices(indices)
+        images = self._load_images(idx)
+        labels = None if self.labels is None else self.labels[torch.from_numpy(idx)]
+        return images, labels
+
+    def train_transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Random augmentation of a uint8 ``(B, C, H, W)`` batch, drawing only from ``generator``.
+
+        Random ``crop_size`` crop (LSUN) then, if ``random_flip``, a horizontal flip of each
+        image with probability 1/2; the identity for the other datasets.  Works on any device
+        (the random numbers are drawn on ``generator.device``).
+        """
+        if self.crop_size is not None:
+            batch = _random_crop(batch, self.crop_size, generator)
+        if self.random_flip:
+            batch = _random_hflip(batch, generator)
+        return batch
+
+    def eval_transform(self, batch: torch.Tensor) -> torch.Tensor:
+        """Deterministic evaluation transform: centre ``crop_size`` crop (LSUN), else identity."""
+        if self.crop_size is not None:
+            batch = _center_crop(batch, self.crop_size)
+        return batch
+
+    def _check_indices(self, indices: torch.Tensor | Sequence[int]) -> np.ndarray:
+        if isinstance(indices, torch.Tensor):
+            if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+                raise TypeError(f"indices must be integers, got {indices.dtype}")
+            idx = indices.detach().cpu().numpy()
+        else:
+            idx = np.asarray(indices)
+            if idx.size and not np.issubdtype(idx.dtype, np.integer):
+                raise TypeError(f"indices must be integers, got {idx.dtype}")
+        idx = idx.astype(np.int64, copy=False)
+        if idx.ndim != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(idx.shape)}")
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"index out of range for {self.name} {self.split} (size {len(self)})")
+        return idx
+
+    def _load_images(self, idx: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TensorImageDataset(ImageDataset):
+    """Images held in memory as one uint8 tensor ``(N, C, H, W)`` (MNIST, CIFAR-10, npz)."""
+
+    def __init__(self, images: np.ndarray, **kwargs) -> None:
+        super().__init__(stored_shape=images.shape[1:], **kwargs)
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+        if len(self.images) != len(self.source_indices):
+            raise ValueError("images and source_indices differ in length")
+
+    def _load_images(self, idx: np.ndarray) -> torch.Tensor:
+        return self.images[torch.from_numpy(idx)]
+
+
+class LazyImageDataset(ImageDataset):
+    """Image files decoded on demand (and cached) by ``decoder(PIL image, name) -> (C, H, W)``."""
+
+    def __init__(self, source: FileSource | ZipSource,
+                 decoder: Callable[[Image.Image, str], np.ndarray], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.decoder = decoder
+        self.cache = True
+        self._cache: dict[int, np.ndarray] = {}
+        if len(source) != len(self.source_indices):
+            raise ValueError("source and source_indices differ in length")
+
+    @property
+    def files(self) -> list[str]:
+        """Names of the image files of this split (relative to the folder, or zip members)."""
+        return list(self.source.names)
+
+    def _load_images(self, idx: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(idx), *self.stored_shape), dtype=np.uint8)
+        for k, i in enumerate(idx.tolist()):
+            out[k] = self._decode(i)
+        return torch.from_numpy(out)
+
+    def _decode(self, i: int) -> np.ndarray:
+        array = self._cache.get(i)
+        if array is not None:
+            return array
+        name = self.source.describe(i)
+        try:
+            with Image.open(io.BytesIO(self.source.read(i))) as image:
+                array = self.decoder(image, name)
+        except DatasetError:
+            raise
+        except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DatasetError(f"{name}: cannot decode image ({e})") from e
+        if array.shape != self.stored_shape:
+            raise DatasetError(f"{name}: decoded to shape {array.shape}, expected "
+                               f"{self.stored_shape}")
+        if self.cache:
+            self._cache[i] = array
+        return array
+
+
+class FileSource:
+    """Image files ``root / name`` for the names of one split."""
+
+    def __init__(self, root: Path, names: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.names = list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def describe(self, i: int) -> str:
+        return str(self.root / self.names[i])
+
+    def read(self, i: int) -> bytes:
+        try:
+            return (self.root / self.names[i]).read_bytes()
+        except OSError as e:
+            raise DatasetError(f"{self.describe(i)}: cannot read file ({e})") from e
+
+
+class ZipSource:
+    """Members of a zip archive, read without unpacking; the handle is reopened per process."""
+
+    def __init__(self, path: Path, names: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.names = list(names)
+        self._zip: zipfile.ZipFile | None = None
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_zip": None, "_pid": -1}
+
+    def describe(self, i: int) -> str:
+        return f"{self.path}:{self.names[i]}"
+
+    def read(self, i: int) -> bytes:
+        try:
+            if self._zip is None or self._pid != os.getpid():
+                self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            return self._zip.read(self.names[i])
+        except (OSError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DatasetError(f"{self.describe(i)}: cannot read zip member ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_batch(batch: torch.Tensor, crop: int | None = None) -> None:
+    if batch.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(batch.shape)}")
+    if crop is not None and (batch.shape[-2] < crop or batch.shape[-1] < crop):
+        raise ValueError(f"cannot crop {crop}x{crop} from images of shape {tuple(batch.shape)}")
+
+
+def _random_hflip(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of ``(B, C, H, W)`` left-right with probability 1/2."""
+    _check_batch(batch)
+    flip = torch.rand(batch.shape[0], generator=generator, device=generator.device) < 0.5
+    return torch.where(flip.to(batch.device).view(-1, 1, 1, 1), batch.flip(-1), batch)
+
+
+def _random_crop(batch: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent uniformly placed ``size`` x ``size`` crop of each image."""
+    _check_batch(batch, size)
+    b, _, h, w = batch.shape
+    top = torch.randint(0, h - size + 1, (b,), generator=generator, device=generator.device)
+    left = torch.randint(0, w - size + 1, (b,), generator=generator, device=generator.device)
+    if b == 0:
+        return batch[..., :size, :size]
+    crops = [batch[k, :, y:y + size, x:x + size]
+             for k, (y, x) in enumerate(zip(top.tolist(), left.tolist(), strict=True))]
+    return torch.stack(crops)
+
+
+def _center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
+    _check_batch(batch, size)
+    top, left = (batch.shape[-2] - size) // 2, (batch.shape[-1] - size) // 2
+    return batch[..., top:top + size, left:left + size]
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: splits and files
+# ---------------------------------------------------------------------------------------------
+
+
+def split_positions(n: int, split: str, valid_size: int, seed: int, what: str) -> np.ndarray:
+    """Sorted positions of ``split`` ("train" or "valid"/"test") in a source of ``n`` items."""
+    if not 0 <= valid_size < n or (split != "train" and valid_size == 0):
+        raise ValueError(f"valid_size={valid_size} is not possible for {what} with {n} training "
+                         f"items (need 0 < valid_size < {n}, or 0 for the train split)")
+    perm = np.random.default_rng(seed).permutation(n)
+    chosen = perm[valid_size:] if split == "train" else perm[:valid_size]
+    return np.sort(chosen).astype(np.int64)
+
+
+def default_slice(n: int, cap: int) -> int:
+    """10% of ``n`` (at least 1 when ``n`` >= 2), capped at ``cap``."""
+    return min(cap, max(n // 10, 1 if n >= 2 else 0))
+
+
+def list_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """Sorted relative paths of the image files under ``root`` (recursive, hidden ones skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / f).as_posix() for f in filenames
+                  if not f.startswith(".") and f.lower().endswith(extensions)]
+    return sorted(found)
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else a DatasetError saying it should hold ``what``."""
+    if not path.is_dir():
+        raise DatasetError(f"{path}: folder not found (expected {what})")
+    return path
+
+
+def to_chw(image: Image.Image) -> np.ndarray:
+    """A PIL image of mode L or RGB as a uint8 ``(C, H, W)`` array."""
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None].copy() if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def nonempty_listing(root: Path, what: str,
+                     extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
+    """:func:`list_images` of the folder ``root``; DatasetError if missing or empty."""
+    files = list_images(require_dir(root, what), extensions)
+    if not files:
+        raise DatasetError(f"{root}: no image files ({', '.join(extensions)}) found (expected "
+                           f"{what})")
+    return files

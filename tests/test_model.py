@@ -1,0 +1,252 @@
+"""Whole models: exact inverse, log-det against the Jacobian, normalisation, bits/dim, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import calibrate, perturb, small_image_model
+from torch.autograd.functional import jacobian
+
+from realnvp import (
+    CheckpointError,
+    RealNVP,
+    RealNVPConfig,
+    flatten_latents,
+    standard_normal_log_prob,
+    unflatten_latents,
+)
+
+
+def pixels(shape, n, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g, dtype=dtype) * 0.98 + 0.01
+
+
+def model_logdet(model, x):
+    """log|det| of the whole map x̃ → flat latents, from the model's own log-density."""
+    latents = model.encode(x)
+    return model.log_prob(x) - sum(standard_normal_log_prob(z) for z in latents)
+
+
+MODELS = [
+    ("1x8x8", lambda: small_image_model((1, 8, 8), 2)),
+    ("3x8x8", lambda: small_image_model((3, 8, 8), 2)),
+    ("3x8x8-official", lambda: small_image_model((3, 8, 8), 2, shift_then_scale=True,
+                                                 logit_form="official", batch_norm="lagged")),
+    ("vector-8", lambda: RealNVP(RealNVPConfig(input_shape=(8,), coupling_layers=4,
+                                               features=16, res_blocks=2))),
+]
+
+
+@pytest.mark.parametrize("name,factory", MODELS, ids=[n for n, _ in MODELS])
+def test_model_logdet_matches_jacobian(name, factory):
+    model = perturb(factory().double(), seed=3).eval()
+    shape = model.config.input_shape
+    x = pixels(shape, 2) if model.config.is_image else torch.randn(2, *shape, dtype=torch.float64)
+    logdet = model_logdet(model, x)
+    for i in range(2):
+        def f(v):
+            return flatten_latents(model.encode(v.view(1, *shape)))[0]
+        jac = jacobian(f, x[i].flatten())
+        assert jac.shape == (x[i].numel(), x[i].numel())  # exactly D latent numbers
+        expected = torch.linalg.slogdet(jac).logabsdet
+        assert torch.allclose(logdet[i], expected, rtol=1e-6), (logdet[i], expected)
+
+
+@pytest.mark.parametrize("name,factory", MODELS, ids=[n for n, _ in MODELS])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_model_decode_encode(name, factory, dtype, tol):
+    model = perturb(factory().to(dtype), seed=4).eval()
+    shape = model.config.input_shape
+    x = pixels(shape, 5, dtype) if model.config.is_image else torch.randn(5, *shape, dtype=dtype)
+    latents = model.encode(x)
+    assert sum(z[0].numel() for z in latents) == x[0].numel()
+    assert (model.decode(latents) - x).abs().max() <= tol
+    flat = flatten_latents(latents)
+    back = unflatten_latents(flat, model.latent_shapes())
+    assert all(torch.equal(a, b) for a, b in zip(back, latents))
+
+
+def test_cifar10_preset_roundtrip_float32():
+    model = perturb(RealNVP.from_preset("cifar10"), seed=5, scale=0.05)
+    calibrate(model, pixels((3, 32, 32), 16, torch.float32, seed=2))
+    x = pixels((3, 32, 32), 4, torch.float32)
+    latents = model.encode(x)
+    assert [tuple(z.shape) for z in latents] == [(4, 6, 16, 16), (4, 6, 16, 16)]
+    err = (model.decode(latents) - x).abs().max().item()
+    assert err <= 1e-4, err
+    assert (latents[0] - model.encode(x * 0.9 + 0.05)[0]).abs().max() > 1e-2  # not constant
+
+
+def test_cifar10_preset_train_step_and_sample():
+    torch.manual_seed(0)
+    model = RealNVP.from_preset("cifar10")
+    # Parameter count stated in the README.
+    assert model.num_parameters() == 19_741_820
+    model.train()
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    loss = model.bits_per_dim(x).mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    samples = model.sample(64)
+    assert samples.shape == (64, 3, 32, 32)
+    assert torch.isfinite(samples).all() and samples.min() >= 0 and samples.max() <= 1
+    assert model.training  # sample() leaves the mode as it was
+
+
+def test_vector_density_integrates_to_one():
+    torch.manual_seed(0)
+    model = perturb(RealNVP(RealNVPConfig(input_shape=(2,), coupling_layers=6, features=32,
+                                          res_blocks=2)).double(), seed=6, scale=0.15).eval()
+    step = 0.02
+    grid = torch.arange(-15, 15, step, dtype=torch.float64) + step / 2
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], dim=1)
+    with torch.no_grad():
+        density = torch.cat([model.log_prob(chunk).exp() for chunk in points.split(100_000)])
+    total = density.sum().item() * step**2
+    assert abs(total - 1) <= 0.01, total
+    # and the flow is far from the identity: its density is not the standard normal's
+    normal = standard_normal_log_prob(points).exp()
+    assert (density - normal).abs().sum().item() * step**2 > 0.5
+
+
+def hand_bits_per_dim(x: list[float], u: list[float], n_bits: int, alpha: float = 0.05) -> float:
+    """Bits/dim of an identity flow after the paper's logit, written out term by term."""
+    levels = 2**n_bits
+    log_p = 0.0
+    for xi, ui in zip(x, u):
+        x_tilde = (xi + ui) / levels  # dequantisation
+        p = alpha + (1 - alpha) * x_tilde
+        y = math.log(p) - math.log(1 - p)  # logit
+        log_p += -0.5 * y * y - 0.5 * math.log(2 * math.pi)  # standard normal prior
+        log_p += math.log(1 - alpha) - math.log(p) - math.log(1 - p)  # logit Jacobian
+    d = len(x)
+    return (-log_p + d * math.log(levels)) / (d * math.log(2))
+
+
+@pytest.mark.parametrize("n_bits,values", [(8, [0, 255, 128, 64]), (5, [0, 31, 7, 16])])
+def test_bits_per_dim_by_hand(n_bits, values):
+    # No batch norm and identity couplings (their last layers start at zero): the flow after the
+    # logit is exactly the identity, so the hand formula above is the whole model.
+    model = RealNVP(RealNVPConfig(input_shape=(1, 2, 2), scales=1, res_blocks=1, features=4,
+                                  batch_norm="none")).double().eval()
+    x = torch.tensor(values, dtype=torch.uint8).view(1, 1, 2, 2)
+    bpd = model.bits_per_dim(x, n_bits=n_bits, generator=torch.Generator().manual_seed(7))
+    u = torch.rand((1, 1, 2, 2), generator=torch.Generator().manual_seed(7)).flatten().tolist()
+    expected = hand_bits_per_dim([float(v) for v in values], u, n_bits)
+    assert bpd.shape == (1,)
+    assert abs(bpd.item() - expected) < 1e-5, (bpd.item(), expected)
+
+
+def test_bits_per_dim_constant():
+    from realnvp import bits_per_dim
+
+    d = 3072
+    assert bits_per_dim(torch.tensor([0.0]), d).item() == pytest.approx(8.0)
+    assert bits_per_dim(torch.tensor([-d * math.log(2)]), d).item() == pytest.approx(9.0)
+    assert bits_per_dim(torch.tensor([0.0]), d, n_bits=5).item() == pytest.approx(5.0)
+
+
+def test_bad_inputs_raise_specific_errors():
+    model = small_image_model((3, 8, 8), 2).eval()
+    ok = pixels((3, 8, 8), 2, torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        model.log_prob(ok[0])
+    with pytest.raises(ValueError, match="channels"):
+        model.log_prob(ok[:, :1])
+    with pytest.raises(ValueError, match="size"):
+        model.log_prob(pixels((3, 16, 16), 2, torch.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        model.log_prob(ok * 2)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        model.log_prob(ok - 0.5)
+    nan = ok.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.log_prob(nan)
+    with pytest.raises(TypeError, match="bits_per_dim"):
+        model.log_prob((ok * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="integer"):
+        model.bits_per_dim(ok * 255)
+    with pytest.raises(ValueError, match=r"\[0, 31\]"):
+        model.bits_per_dim(torch.full((1, 3, 8, 8), 40, dtype=torch.uint8), n_bits=5)
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        model.bits_per_dim(torch.full((1, 3, 8, 8), 300.0))
+    with pytest.raises(ValueError, match="unconditional"):
+        model.log_prob(ok, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="list of 2"):
+        model.decode([torch.zeros(1, 6, 4, 4)])
+    with pytest.raises(ValueError, match="even"):
+        RealNVPConfig(input_shape=(1, 28, 28), scales=4)
+    with pytest.raises(ValueError, match="unknown preset"):
+        RealNVP.from_preset("cifar100")
+    with pytest.raises(ValueError, match="unknown RealNVPConfig fields: depth"):
+        RealNVP.from_preset("cifar10", depth=3)
+    vector = RealNVP(RealNVPConfig(input_shape=(4,)))
+    with pytest.raises(ValueError, match="D = 4"):
+        vector.log_prob(torch.zeros(2, 4, 1))
+
+
+def test_non_finite_log_prob_raises():
+    model = small_image_model((3, 8, 8), 2).eval()
+    with torch.no_grad():
+        model.scales[0][1].running_var.fill_(float("inf"))  # a diverged statistic
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        model.log_prob(pixels((3, 8, 8), 2, torch.float32))
+
+
+def test_conditional_model_labels():
+    model = perturb(small_image_model((1, 8, 8), 2, num_classes=3), seed=8, scale=0.1).eval()
+    x = pixels((1, 8, 8), 2, torch.float32)
+    a = model.log_prob(x, torch.tensor([0, 0]))
+    b = model.log_prob(x, torch.tensor([2, 2]))
+    assert (a - b).abs().min() > 1e-4
+    with pytest.raises(ValueError, match="pass cond"):
+        model.log_prob(x)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        model.log_prob(x, torch.tensor([0, 3]))
+    attributes = perturb(small_image_model((1, 8, 8), 2, num_classes=4, label_kind="attributes"),
+                         seed=9, scale=0.1).eval()
+    labels = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
+    latents = attributes.encode(x, labels)
+    assert (attributes.decode(latents, labels) - x).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="0 or 1"):
+        attributes.log_prob(x, labels * 0.5)
+
+
+def test_save_load_roundtrip_and_config_mismatch(tmp_path):
+    model = perturb(small_image_model((3, 8, 8), 2), seed=10).eval()
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = RealNVP.load(path).eval()
+    x = pixels((3, 8, 8), 3, torch.float32)
+    assert torch.equal(loaded.log_prob(x), model.log_prob(x))
+    assert loaded.config == model.config
+    other = small_image_model((3, 8, 8), 2, features=8)
+    with pytest.raises(CheckpointError, match="another config.*features"):
+        other.load_weights(path)
+    same = small_image_model((3, 8, 8), 2)
+    same.load_weights(path)
+    assert torch.equal(same.eval().log_prob(x), model.log_prob(x))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        RealNVP.load(truncated)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a realnvp-model file"):
+        RealNVP.load(tmp_path / "foreign.pt")
+
+
+def test_sampling_other_sizes_and_temperature():
+    model = perturb(small_image_model((3, 8, 8), 2), seed=11).eval()
+    big = model.sample(3, shape=(16, 24))
+    assert big.shape == (3, 3, 16, 24)
+    cold = model.sample(4, temperature=0.0)
+    assert torch.allclose(cold, cold[:1].expand_as(cold))
+    vector = RealNVP(RealNVPConfig(input_shape=(3,)))
+    assert vector.sample(5).shape == (5, 3)

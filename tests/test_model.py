@@ -238,7 +238,7 @@ def test_save_load_roundtrip_and_config_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         RealNVP.load(truncated)
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a realnvp-model file"):
+    with pytest.raises(CheckpointError, match="not a realnvp-model"):
         RealNVP.load(tmp_path / "foreign.pt")
 
 

@@ -36,8 +36,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def safe_load(path: str | Path, kind: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load a dict written by :func:`atomic_save` whose ``"format"`` entry equals ``kind``."""
+def safe_load(path: str | Path, kind: str | tuple[str, ...],
+              map_location: str | torch.device = "cpu") -> dict:
+    """Load a dict written by :func:`atomic_save` whose ``"format"`` entry is ``kind`` (or one
+    of the kinds given)."""
+    kinds = (kind,) if isinstance(kind, str) else kind
+    kind = " or ".join(kinds)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -47,7 +51,7 @@ def safe_load(path: str | Path, kind: str, map_location: str | torch.device = "c
         raise CheckpointError(
             f"{path}: cannot be read as a {kind} file; it is truncated or corrupt ({error})"
         ) from error
-    if not isinstance(payload, dict) or payload.get("format") != kind:
+    if not isinstance(payload, dict) or payload.get("format") not in kinds:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a {kind} file (format: {found!r})")
     return payload

@@ -39,6 +39,8 @@ from .normalization import BatchNormFlow
 from .preprocessing import LogitTransform, bits_per_dim, dequantize
 
 MODEL_FORMAT = "realnvp-model"
+# Training checkpoints (realnvp.train) hold the same "config" and "state_dict" entries.
+MODEL_FILE_FORMATS = (MODEL_FORMAT, "realnvp-checkpoint")
 
 
 @dataclass
@@ -436,14 +438,14 @@ class RealNVP(nn.Module):
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RealNVP:
         """Rebuild a model from a file written by :meth:`save` (or a training checkpoint)."""
-        payload = safe_load(path, MODEL_FORMAT, map_location)
+        payload = safe_load(path, MODEL_FILE_FORMATS, map_location)
         model = cls(RealNVPConfig.from_dict(payload["config"]))
         model.load_state_dict(payload["state_dict"])
         return model
 
     def load_weights(self, path: str | Path) -> None:
         """Load weights into this model; the file must come from a model of the same config."""
-        payload = safe_load(path, MODEL_FORMAT, self._device())
+        payload = safe_load(path, MODEL_FILE_FORMATS, self._device())
         mine, theirs = self.config.to_dict(), payload["config"]
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:

@@ -1,0 +1,5 @@
+"""``python -m realnvp``: the command line."""
+
+from .cli import main
+
+main()

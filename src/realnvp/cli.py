@@ -1,0 +1,249 @@
+"""The ``realnvp`` command line: train, eval, sample, demo (and the figure commands).
+
+Configuration precedence for ``train``: the preset < a ``--config`` TOML file (sections [model]
+and [train], as each run writes to RUN/config.toml) < options on the command line. Running
+``train`` again on a run directory that has checkpoints resumes from the latest one, with the
+architecture of the checkpoint; options given on the command line (e.g. a larger ``--steps``)
+override the recorded training configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DATASETS, load_dataset
+from .evaluate import evaluate
+from .figures import save_image_grid
+from .model import PRESETS, RealNVP, RealNVPConfig, preset_config
+from .train import (
+    DEMO_DATA,
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    pick_device,
+    read_config,
+    resolve_checkpoint,
+)
+
+# The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
+# small enough to learn in about ten minutes on two CPU cores. See README.md for its result.
+DEMO_MODEL = dict(input_shape=(1, 28, 28), scales=2, res_blocks=2, features=32)
+DEMO_TRAIN = dict(dataset="mnist-t10k", data_dir=str(DEMO_DATA), steps=1500, batch_size=64,
+                  lr=2e-3, warmup_steps=100, lr_decay="cosine", eval_every=500,
+                  sample_every=500, checkpoint_every=250)
+
+
+def _field_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, is_tuple) of a dataclass field annotation (Optional unwrapped)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _field_type(args[0])
+    if origin is tuple:
+        return typing.get_args(tp)[0], True
+    if origin is typing.Literal:
+        return str, False
+    return tp, False
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str],
+                           title: str) -> None:
+    """One ``--kebab-case`` option per field; unspecified options stay absent (SUPPRESS)."""
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, is_tuple = _field_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f"(default: {default})")
+        else:
+            group.add_argument(flag, type=tp, nargs="+" if is_tuple else None,
+                               default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               help=f"(default: {default})")
+
+
+def _picked(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name)}
+    if "input_shape" in values:
+        values["input_shape"] = tuple(values["input_shape"])
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="realnvp", description="Real NVP density models: train, evaluate, sample, figures.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (resumes if RUN has checkpoints)",
+                       description="Train with the paper's recipe; rerun on the same --run-dir "
+                       "to resume from its latest checkpoint.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="architecture of one of the paper's datasets (default: mnist, or the "
+                   "checkpoint's when resuming)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a TOML file with [model] and [train] tables (e.g. RUN/config.toml)")
+    _add_dataclass_options(p, TrainConfig, set(), "training options")
+    _add_dataclass_options(p, RealNVPConfig, set(), "model options (override the preset)")
+
+    p = sub.add_parser("eval", help="bits/dim of a dataset split in eval mode",
+                       description="Print bits/dim (mean ± standard error over images) of a "
+                       "split, in eval mode; --json writes it machine-readable.")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint or model file, or a run directory (uses its best.pt)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    p.add_argument("--samples", type=int, default=1, help="dequantisation samples per image")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--valid-size", type=int, default=None,
+                   help="validation slice size, as in training (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+
+    p = sub.add_parser("sample", help="write a grid of samples as a PNG",
+                       description="Draw n samples x = f^-1(z), z ~ N(0, T^2 I) and write them "
+                       "as one PNG grid.")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("-n", type=int, default=64, help="number of samples")
+    p.add_argument("--temperature", type=float, default=1.0, help="std of the prior, T")
+    p.add_argument("--label", type=int, default=None,
+                   help="class to sample (class-conditional models)")
+    p.add_argument("--nrow", type=int, default=None, help="images per row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+
+    p = sub.add_parser("demo", help="train on the bundled MNIST files, evaluate, sample (~10 min)",
+                       description="Train a small model on real MNIST (the bundled test-set "
+                       "files: 9,000 images to train, 1,000 held out), print held-out bits/dim "
+                       "and write samples. No download and no path to give.")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--steps", type=int, default=DEMO_TRAIN["steps"])
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+    try:  # the paper's figures, when that module is present
+        from .experiments import add_figure_commands
+    except ImportError:
+        pass
+    else:
+        add_figure_commands(sub)
+    return parser
+
+
+def _train_configs(args: argparse.Namespace) -> tuple[RealNVPConfig, TrainConfig]:
+    """Merge preset, --config file and command-line options; on resume, the checkpoint's."""
+    cli_model, cli_train = _picked(args, RealNVPConfig), _picked(args, TrainConfig)
+    file_model: dict[str, Any] = {}
+    file_train: dict[str, Any] = {}
+    if args.config is not None:
+        m, t = read_config(args.config)
+        file_model, file_train = m.to_dict(), t.to_dict()
+    train = TrainConfig.from_dict({**file_train, **cli_train})
+    run_dir = Path(train.run_dir)
+    if latest_checkpoint(run_dir) is not None and (run_dir / "config.toml").is_file():
+        saved_model, saved_train = read_config(run_dir / "config.toml")
+        differ = {k: v for k, v in cli_model.items() if getattr(saved_model, k) != v}
+        if args.preset is not None:
+            preset = preset_config(args.preset).to_dict()
+            differ.update({k: preset[k] for k in PRESETS[args.preset]
+                           if k not in cli_model and preset[k] != saved_model.to_dict()[k]})
+        if differ:
+            raise SystemExit(f"error: {run_dir} holds a run of another architecture "
+                             f"({saved_model}); it differs in {sorted(differ)}. Use a new "
+                             "--run-dir, or drop those options to resume.")
+        train = TrainConfig.from_dict({**saved_train.to_dict(), **file_train, **cli_train})
+        return saved_model, train
+    preset = args.preset or "mnist"
+    model = preset_config(preset, **{**file_model, **cli_model})
+    return model, train
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    model_config, train_config = _train_configs(args)
+    trainer = Trainer(model_config, train_config)
+    if trainer.resumed_from is not None:
+        print(f"resuming from {trainer.resumed_from} (step {trainer.state.step})")
+    print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
+    state = trainer.run()
+    print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} bits/dim, "
+          f"{state.nonfinite_steps} non-finite steps skipped; run in {train_config.run_dir}")
+
+
+def load_model(checkpoint: Path, device: str = "auto") -> RealNVP:
+    """A model from a checkpoint/model file or a run directory (its best.pt), in eval mode."""
+    path = resolve_checkpoint(checkpoint)
+    return RealNVP.load(path, map_location=pick_device(device)).eval()
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model = load_model(args.checkpoint, args.device)
+    valid_size = args.valid_size
+    run_config = Path(args.checkpoint) / "config.toml"
+    if valid_size is None and run_config.is_file():
+        valid_size = read_config(run_config)[1].valid_size
+    dataset = load_dataset(args.dataset, args.data_dir, args.split, valid_size=valid_size)
+    result = evaluate(model, dataset, batch_size=args.batch_size, samples=args.samples,
+                      max_images=args.max_images, seed=args.seed)
+    print(f"{args.dataset} {args.split}: {result}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {**result.to_dict(), "dataset": args.dataset, "split": args.split,
+                  "checkpoint": str(resolve_checkpoint(args.checkpoint))}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    model = load_model(args.checkpoint, args.device)
+    device = next(model.parameters()).device
+    cond = None
+    if args.label is not None:
+        cond = torch.full((args.n,), args.label, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    images = model.sample(args.n, args.temperature, cond=cond, generator=g)
+    path = save_image_grid(images, args.out, args.nrow)
+    print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    train_config = TrainConfig(**{**DEMO_TRAIN, "steps": args.steps, "run_dir": str(args.run_dir),
+                                  "progress": args.progress})
+    trainer = Trainer(RealNVPConfig(**DEMO_MODEL), train_config)
+    print(f"demo: {trainer.model.num_parameters():,} parameters, {args.steps} steps of "
+          f"{train_config.batch_size} on {len(trainer.train_set)} MNIST images")
+    trainer.run()
+    test = load_dataset("mnist-t10k", DEMO_DATA, "test")
+    result = evaluate(trainer.model, test)
+    print(f"held-out MNIST: {result}")
+    (args.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    path = save_image_grid(trainer.model.sample(
+        64, generator=torch.Generator().manual_seed(0)), args.run_dir / "samples.png")
+    print(f"samples: {path}")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        handler(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error

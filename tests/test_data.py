@@ -535,8 +535,11 @@ def test_argument_errors(tmp_path: Path) -> None:
     assert {"mnist", "cifar10", "celeba", "lsun", "imagenet32", "npz"} <= set(DATASETS)
     with pytest.raises(ValueError, match="mnist.*cifar10"):
         load_dataset("cifar100", tmp_path)
-    with pytest.raises(ValueError, match="toy_dataset"):
-        load_dataset("moons", tmp_path)
+    moons = load_dataset("moons", None, "valid")  # generated: no files needed
+    assert moons.image_shape == (2,) and len(moons) == 2000
+    points, labels = moons.get_batch(torch.arange(5))
+    assert points.shape == (5, 2) and points.dtype == torch.float32 and labels is None
+    assert not torch.equal(points, load_dataset("moons", None, "train").get_batch(range(5))[0])
     with pytest.raises(ValueError, match="split"):
         load_dataset("mnist", tmp_path, "validation")
     with pytest.raises(DatasetError, match="nowhere"):

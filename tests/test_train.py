@@ -21,8 +21,8 @@ from realnvp.data import load_dataset
 from realnvp.evaluate import evaluate
 from realnvp.train import (
     DEMO_DATA,
-    Trainer,
     TrainConfig,
+    Trainer,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,

@@ -1,4 +1,5 @@
-"""Test-set bits/dim in eval mode, as mean ± standard error over images."""
+"""Test-set bits/dim in eval mode, as mean ± standard error over images (for vector models:
+the negative log-likelihood in nats per example)."""
 
 from __future__ import annotations
 
@@ -15,19 +16,24 @@ from .model import RealNVP
 @dataclass
 class EvalResult:
     """Bits/dim of a dataset split: ``mean`` ± ``stderr`` over ``n`` images, each image's value
-    averaged over ``samples`` draws of the dequantisation noise."""
+    averaged over ``samples`` draws of the dequantisation noise. For vector data, ``unit`` is
+    "nats" (negative log-likelihood per example) and ``samples`` is 1."""
 
     mean: float
     stderr: float
     n: int
     samples: int
     per_image: Tensor
+    unit: str = "bits/dim"
 
     def to_dict(self) -> dict:
-        return {"bits_per_dim": self.mean, "stderr": self.stderr, "images": self.n,
+        key = "bits_per_dim" if self.unit == "bits/dim" else "nll_nats"
+        return {key: self.mean, "stderr": self.stderr, "images": self.n,
                 "dequantization_samples": self.samples}
 
     def __str__(self) -> str:
+        if self.unit != "bits/dim":
+            return f"{self.mean:.4f} ± {self.stderr:.4f} nats ({self.n} points)"
         return (f"{self.mean:.4f} ± {self.stderr:.4f} bits/dim ({self.n} images, "
                 f"{self.samples} dequantisation sample{'s' if self.samples > 1 else ''})")
 
@@ -67,6 +73,10 @@ def evaluate(
             images, labels = dataset.get_batch(index)
             images = dataset.eval_transform(images).to(device)
             cond = labels.to(device) if model.config.num_classes else None
+            if not model.config.is_image:  # vectors: negative log-likelihood in nats
+                values.append(-model.log_prob(images.to(next(model.parameters()).dtype), cond)
+                              .double().cpu())
+                continue
             bpd = sum(model.bits_per_dim(images, cond, generator=generator)
                       for _ in range(samples)) / samples
             values.append(bpd.double().cpu())
@@ -74,4 +84,6 @@ def evaluate(
         model.train(was_training)
     per_image = torch.cat(values)
     stderr = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")
-    return EvalResult(per_image.mean().item(), stderr, n, samples, per_image)
+    unit = "bits/dim" if model.config.is_image else "nats"
+    return EvalResult(per_image.mean().item(), stderr, n, samples if unit != "nats" else 1,
+                      per_image, unit)

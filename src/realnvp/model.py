@@ -33,12 +33,15 @@ from torch import Tensor, nn
 from .bijection import Bijection, Sequential
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .coupling import AffineCoupling
+from .memory import MEMORY_MODES, MemoryMode, flow_forward
 from .multiscale import Squeeze, factor_out, latent_shapes
 from .networks import MLP, ResNet, WeightNormConv2d
 from .normalization import BatchNormFlow
 from .preprocessing import LogitTransform, bits_per_dim, dequantize
 
 MODEL_FORMAT = "realnvp-model"
+# Precisions of the s/t networks (RealNVP.set_precision): None = the parameters' dtype.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 # Training checkpoints (realnvp.train) hold the same "config" and "state_dict" entries.
 MODEL_FILE_FORMATS = (MODEL_FORMAT, "realnvp-checkpoint")
 
@@ -121,6 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "celeba64": dict(input_shape=(3, 64, 64), scales=5, res_blocks=2, features=32),
     "lsun64": dict(input_shape=(3, 64, 64), scales=5, res_blocks=2, features=32),
     "mnist": dict(input_shape=(1, 28, 28), scales=3, res_blocks=4, features=32),
+    # 2-D toy densities (the paper's Figure 1): MLP couplings of width 64 with 2 hidden layers.
+    "toy2d": dict(input_shape=(2,), coupling_layers=8, res_blocks=2, features=64),
 }
 
 
@@ -150,6 +155,9 @@ class RealNVP(nn.Module):
         else:
             self.preprocess = None
             self.scales = nn.ModuleList([self._vector_flow(config, cond)])
+        # Run-time options, not architecture: see set_precision and set_memory_mode.
+        self.precision = "fp32"
+        self.memory_mode: MemoryMode = "none"
 
     # -- construction ---------------------------------------------------------------------
 
@@ -276,7 +284,7 @@ class RealNVP(nn.Module):
             h, logdet = self.preprocess(h)
         latents = []
         for i, scale in enumerate(self.scales):
-            h, scale_logdet = scale(h, c)
+            h, scale_logdet = flow_forward(scale, h, c, self.memory_mode)
             logdet = logdet + scale_logdet
             if i < len(self.scales) - 1:
                 h, z = factor_out(h)
@@ -305,6 +313,39 @@ class RealNVP(nn.Module):
             yield
         finally:
             self.train(was_training)
+
+    # -- run-time options (not part of the config, not saved) ------------------------------
+
+    def set_precision(self, precision: str) -> RealNVP:
+        """Arithmetic of the s/t networks: ``"fp32"`` (the parameters' own dtype, the default)
+        or ``"bf16"`` (the networks run under ``torch.autocast`` with bfloat16 on the model's
+        device type). Only the networks change: their outputs are cast back before
+        s = scale·tanh(raw_s) and t are used, so log-determinants, the prior and the
+        preprocessing stay in full precision. Applies to training, evaluation and sampling;
+        bf16 makes encode → decode exact only to about 1e-2 instead of 1e-5. Returns the model.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                             f"{precision!r}")
+        for module in self.modules():
+            if isinstance(module, AffineCoupling):
+                module.st_autocast = PRECISIONS[precision]
+        self.precision = precision
+        return self
+
+    def set_memory_mode(self, mode: MemoryMode) -> RealNVP:
+        """How backpropagation through the flow stores activations (see :mod:`realnvp.memory`):
+        ``"none"`` (store everything, the fastest), ``"invertible"`` (rebuild each layer's input
+        from its output with the inverse; memory independent of depth) or ``"checkpoint"``
+        (recompute every coupling's s/t network from its stored input). The gradients are
+        those of ordinary backpropagation up to rounding, and batch-norm running averages move
+        once per step in every mode. Evaluation and sampling are unaffected. Returns the model.
+        """
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"memory mode must be one of {', '.join(MEMORY_MODES)}, got "
+                             f"{mode!r}")
+        self.memory_mode = mode
+        return self
 
     # -- public API --------------------------------------------------------------------------
 

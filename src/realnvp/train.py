@@ -292,13 +292,16 @@ class Trainer:
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float
                       ) -> tuple[torch.Tensor, bool]:
-        """One optimiser step on a uint8 batch; returns (mean train bits/dim, whether taken)."""
+        """One optimiser step on a uint8 image batch (or float vectors); returns (the mean train
+        bits/dim, or nats for vectors, and whether the step was taken)."""
         model, opt, train = self.model, self.optimizer, self.train_config
         saved_stats = [b.clone() for b in _batchnorm_buffers(model)]
-        x = dequantize(images, generator=self.generators["noise"])
         cond = labels if model.config.num_classes else None
-        log_prob = model.log_prob(x, cond, check=False)
-        bpd = bits_per_dim(log_prob, x[0].numel()).mean()
+        if model.config.is_image:  # minimise bits/dim of dequantised pixels
+            x = dequantize(images, generator=self.generators["noise"])
+            bpd = bits_per_dim(model.log_prob(x, cond, check=False), x[0].numel()).mean()
+        else:  # vectors: minimise the negative log-likelihood in nats
+            bpd = -model.log_prob(images, cond, check=False).mean()
         loss = bpd + train.l2 * sum(p.pow(2).sum() for p in self.l2_params)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -382,13 +385,14 @@ class Trainer:
             if state.step % t.eval_every == 0 or last:
                 valid_bpd = self.evaluate()
                 self.log({"step": state.step, "valid_bpd": valid_bpd})
-                bar.write(f"step {state.step}: valid {valid_bpd:.4f} bits/dim")
+                unit = "bits/dim" if model.config.is_image else "nats"
+                bar.write(f"step {state.step}: valid {valid_bpd:.4f} {unit}")
                 if valid_bpd < state.best_valid_bpd:
                     state.best_valid_bpd = valid_bpd
                     save_checkpoint(checkpoint_dir(self.run_dir) / "best.pt", model,
                                     self.optimizer, state, t, self.generators)
-            if state.step % t.sample_every == 0 or last:
-                self.write_samples()
+            if (state.step % t.sample_every == 0 or last) and model.config.is_image:
+                self.write_samples()  # vector models: see `realnvp toy`
             if state.step % t.checkpoint_every == 0 or last:
                 self.checkpoint()
             bar.update(1)

@@ -78,7 +78,7 @@ from .base import (
     LazyImageDataset,
     TensorImageDataset,
 )
-from .toy import TOY_DATASETS, toy_dataset
+from .toy import TOY_DATASETS, TOY_SPLIT_SIZES, VectorDataset, toy_dataset
 
 __all__ = [
     "DATASETS",
@@ -86,10 +86,12 @@ __all__ = [
     "RESAMPLE",
     "SPLITS",
     "TOY_DATASETS",
+    "TOY_SPLIT_SIZES",
     "DatasetError",
     "ImageDataset",
     "LazyImageDataset",
     "TensorImageDataset",
+    "VectorDataset",
     "load_dataset",
     "toy_dataset",
 ]
@@ -99,23 +101,28 @@ DATASETS: tuple[str, ...] = (
 )
 
 
-def load_dataset(name: str, data_dir: str | Path, split: str = "train", *, seed: int = 0,
+def load_dataset(name: str, data_dir: str | Path | None, split: str = "train", *, seed: int = 0,
                  valid_size: int | None = None) -> ImageDataset:
     """Load one split (``"train"``, ``"valid"`` or ``"test"``) of dataset ``name``.
 
-    See the module docstring for the formats and split rules.  ``seed`` chooses the validation
+    See the module docstring for the formats and split rules. The 2-D toy densities
+    (:data:`TOY_DATASETS`) are generated: :class:`VectorDataset` splits of
+    :data:`TOY_SPLIT_SIZES` points, ``data_dir`` ignored.  ``seed`` chooses the validation
     slice (where there is one) and ``valid_size`` its size.  Raises ``ValueError`` for an
     unknown name or split and :class:`DatasetError` for missing or malformed files.
     """
-    if name in TOY_DATASETS:
-        raise ValueError(f"{name!r} is a 2-D toy dataset: use toy_dataset({name!r}, n)")
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name not in DATASETS + TOY_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: "
+                         f"{', '.join(DATASETS + TOY_DATASETS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if name in TOY_DATASETS:  # generated, no files: data_dir is ignored
+        return VectorDataset(name, split, seed)  # type: ignore[return-value]
     if valid_size is not None and (isinstance(valid_size, bool) or not isinstance(valid_size, int)
                                    or valid_size < 0):
         raise ValueError(f"valid_size must be a non-negative int or None, got {valid_size!r}")
+    if data_dir is None:
+        raise ValueError(f"dataset {name!r} needs data_dir (--data-dir): the folder of its files")
     data_dir = Path(data_dir).expanduser()
     if not data_dir.exists():
         raise DatasetError(f"{data_dir}: not found (data_dir of dataset {name!r})")

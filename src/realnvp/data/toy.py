@@ -43,3 +43,40 @@ def toy_dataset(name: str, n: int, *, seed: int = 0) -> torch.Tensor:
         x = np.stack([r * np.cos(t), r * np.sin(t)], 1)
     x = x[rng.permutation(n)]  # mix the components so minibatches are not sorted by them
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+
+# Points per split of a toy dataset used for training (each split its own seed).
+TOY_SPLIT_SIZES = {"train": 20_000, "valid": 2_000, "test": 2_000}
+
+
+class VectorDataset(torch.utils.data.Dataset):
+    """A split of a 2-D toy density with the interface the training loop uses.
+
+    ``get_batch`` returns float32 points ``(B, 2)`` (no labels); the transforms are identities.
+    ``image_shape`` is the shape of one example, ``(2,)``, as for images.
+    """
+
+    label_kind = None
+    num_classes = None
+    labels = None
+
+    def __init__(self, name: str, split: str, seed: int = 0) -> None:
+        self.name, self.split = name, split
+        offset = {"train": 0, "valid": 1, "test": 2}[split]
+        self.points = toy_dataset(name, TOY_SPLIT_SIZES[split], seed=seed * 3 + offset)
+        self.image_shape = (2,)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.points[index], torch.tensor(-1)
+
+    def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.points[torch.as_tensor(indices, dtype=torch.long)], None
+
+    def train_transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return batch
+
+    def eval_transform(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .data import DATASETS, load_dataset
+from .data import DATASETS, TOY_DATASETS, load_dataset
 from .evaluate import evaluate
-from .figures import save_image_grid
+from .figures import make_grid, save_image_grid, save_png, side_by_side, upscale
 from .model import PRESETS, RealNVP, RealNVPConfig, preset_config
 from .train import (
     DEMO_DATA,
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "split, in eval mode; --json writes it machine-readable.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint or model file, or a run directory (uses its best.pt)")
-    p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--dataset", required=True, choices=DATASETS + TOY_DATASETS)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the dataset's folder or file (not needed for the 2-D toy datasets)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--samples", type=int, default=1, help="dequantisation samples per image")
     p.add_argument("--batch-size", type=int, default=256)
@@ -118,13 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a grid of samples as a PNG",
                        description="Draw n samples x = f^-1(z), z ~ N(0, T^2 I) and write them "
-                       "as one PNG grid.")
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("-n", type=int, default=64, help="number of samples")
-    p.add_argument("--temperature", type=float, default=1.0, help="std of the prior, T")
+                       "as one PNG grid. With several temperatures, the same z is decoded at "
+                       "each and the grids stand side by side, titled 'T = ...'. "
+                       "Class-conditional models sample --label K, or (without it) the classes "
+                       "in turn: sample i has class i mod K.")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint or model file, or a run directory (uses its best.pt)")
+    p.add_argument("-n", type=int, default=64, help="number of samples (per temperature)")
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T",
+                   help="std of the prior, T; several values give one panel each")
     p.add_argument("--label", type=int, default=None,
                    help="class to sample (class-conditional models)")
     p.add_argument("--nrow", type=int, default=None, help="images per row")
+    p.add_argument("--zoom", type=int, default=1,
+                   help="enlarge every image by this integer factor (nearest neighbour)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
@@ -181,7 +189,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"resuming from {trainer.resumed_from} (step {trainer.state.step})")
     print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
     state = trainer.run()
-    print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} bits/dim, "
+    unit = "bits/dim" if model_config.is_image else "nats"
+    print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} {unit}, "
           f"{state.nonfinite_steps} non-finite steps skipped; run in {train_config.run_dir}")
 
 
@@ -209,15 +218,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from .experiments import sample_temperatures
+
     model = load_model(args.checkpoint, args.device)
+    if not model.config.is_image:
+        raise ValueError("sample writes images; for a 2-D vector model use realnvp toy")
     device = next(model.parameters()).device
     cond = None
+    k, kind = model.config.num_classes, model.config.label_kind
     if args.label is not None:
+        if k is None or kind != "class":
+            raise ValueError("--label needs a class-conditional model")
         cond = torch.full((args.n,), args.label, dtype=torch.long, device=device)
+    elif k is not None:
+        if kind != "class":
+            raise ValueError("an attribute-conditional model needs attribute vectors: use "
+                             "realnvp swap-labels or the Python API (model.sample(cond=...))")
+        cond = torch.arange(args.n, device=device) % k
     g = torch.Generator(device=device).manual_seed(args.seed)
-    images = model.sample(args.n, args.temperature, cond=cond, generator=g)
-    path = save_image_grid(images, args.out, args.nrow)
-    print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
+    temperatures = args.temperature
+    images = upscale(sample_temperatures(model, args.n, temperatures, cond, g).cpu(), args.zoom)
+    if len(temperatures) == 1:
+        path = save_image_grid(images[0], args.out, args.nrow)
+    else:
+        panels = [make_grid(group, args.nrow) for group in images]
+        path = save_png(side_by_side(panels, [f"T = {t:g}" for t in temperatures]), args.out)
+    shown = ", ".join(f"{t:g}" for t in temperatures)
+    print(f"wrote {args.n} samples at temperature {shown} to {path}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from torch.autograd.functional import jacobian
 
 from realnvp import (
     CheckpointError,
+    LogitTransform,
     RealNVP,
     RealNVPConfig,
     flatten_latents,
@@ -250,3 +251,19 @@ def test_sampling_other_sizes_and_temperature():
     assert torch.allclose(cold, cold[:1].expand_as(cold))
     vector = RealNVP(RealNVPConfig(input_shape=(3,)))
     assert vector.sample(5).shape == (5, 3)
+
+
+def test_top_pixel_value_stays_finite_in_float32(monkeypatch):
+    from realnvp import dequantize
+
+    # (255 + u) / 256 rounds to exactly 1.0 in float32 for u near 1: the logit's pole.
+    assert float((torch.tensor(255.0) + 0.99999994) / 256) == 1.0
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 0.99999994))
+    x_tilde = dequantize(torch.full((1, 1, 2, 2), 255, dtype=torch.uint8))
+    monkeypatch.undo()
+    assert x_tilde.dtype == torch.float32 and x_tilde.max() < 1
+    model = RealNVP(RealNVPConfig(input_shape=(1, 2, 2), scales=1, res_blocks=1, features=4))
+    assert torch.isfinite(model.eval().log_prob(x_tilde)).all()
+    for form in ("paper", "official"):
+        y, logdet = LogitTransform(0.05, form)(x_tilde)
+        assert torch.isfinite(y).all() and torch.isfinite(logdet).all()

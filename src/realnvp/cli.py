@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import distributed
 from .data import DATASETS, TOY_DATASETS, load_dataset
 from .evaluate import evaluate
 from .figures import make_grid, save_image_grid, save_png, side_by_side, upscale
@@ -36,10 +37,10 @@ from .train import (
 
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
 # small enough to learn in about ten minutes on two CPU cores. See README.md for its result.
-DEMO_MODEL = dict(input_shape=(1, 28, 28), scales=2, res_blocks=2, features=32)
-DEMO_TRAIN = dict(dataset="mnist-t10k", data_dir=str(DEMO_DATA), steps=1500, batch_size=64,
-                  lr=2e-3, warmup_steps=100, lr_decay="cosine", eval_every=500,
-                  sample_every=500, checkpoint_every=250)
+DEMO_MODEL = dict(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=16)
+DEMO_TRAIN = dict(dataset="mnist-t10k", data_dir=str(DEMO_DATA), steps=3000, batch_size=32,
+                  lr=2e-3, warmup_steps=100, lr_decay="cosine", eval_every=1000,
+                  sample_every=1000, checkpoint_every=500, log_every=50)
 
 
 def _field_type(tp: Any) -> tuple[type, bool]:
@@ -183,15 +184,33 @@ def _train_configs(args: argparse.Namespace) -> tuple[RealNVPConfig, TrainConfig
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    """Train on one process, or on every process torchrun starts (only rank 0 prints)."""
     model_config, train_config = _train_configs(args)
-    trainer = Trainer(model_config, train_config)
-    if trainer.resumed_from is not None:
-        print(f"resuming from {trainer.resumed_from} (step {trainer.state.step})")
-    print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
-    state = trainer.run()
-    unit = "bits/dim" if model_config.is_image else "nats"
-    print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} {unit}, "
-          f"{state.nonfinite_steps} non-finite steps skipped; run in {train_config.run_dir}")
+    try:
+        trainer = Trainer(model_config, train_config)
+        main, world = trainer.dist.is_main, trainer.dist.world_size
+        if main and trainer.resumed_from is not None:
+            s = trainer.state
+            before = trainer.resumed_world_size
+            moved = f"; written by {before} process(es), continuing on {world}" \
+                if before != world else ""
+            print(f"resuming from {trainer.resumed_from} (step {s.step}, epoch {s.epoch}, "
+                  f"image {s.epoch_offset}{moved})")
+        if main:
+            print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
+        if main and world > 1:
+            sync = "synchronised" if trainer.sync_batchnorm else "per-process"
+            print(f"{world} processes ({trainer.device.type}) × batch "
+                  f"{train_config.batch_size} = global batch {trainer.global_batch_size}; "
+                  f"{sync} batch norm")
+        state = trainer.run()
+        unit = "bits/dim" if model_config.is_image else "nats"
+        if main:
+            print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} {unit}, "
+                  f"{state.nonfinite_steps} non-finite steps skipped; run in "
+                  f"{train_config.run_dir}")
+    finally:
+        distributed.shutdown()
 
 
 def load_model(checkpoint: Path, device: str = "auto") -> RealNVP:

@@ -42,7 +42,9 @@ class LogitTransform(Bijection):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = self.alpha + self.k * x
-        log_p, log_1mp = torch.log(p), torch.log1p(-p)
+        # 1 − p from 1 − x̃, not from p: for x̃ just below 1, p rounds to 1 in float32
+        one_minus_p = (1 - self.alpha - self.k) + self.k * (1 - x)
+        log_p, log_1mp = torch.log(p), torch.log(one_minus_p)
         return log_p - log_1mp, sum_except_batch(math.log(self.k) - log_p - log_1mp)
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -52,10 +54,14 @@ class LogitTransform(Bijection):
 
 
 def dequantize(x: Tensor, n_bits: int = 8, generator: torch.Generator | None = None) -> Tensor:
-    """Integer pixels (any dtype) in {0, …, 2ⁿ − 1} → x̃ = (x + u) / 2ⁿ, u ~ U[0, 1), float32."""
+    """Integer pixels (any dtype) in {0, …, 2ⁿ − 1} → x̃ = (x + u) / 2ⁿ, u ~ U[0, 1), float32.
+
+    In float32, 255 + u rounds up to 256 for u within 2⁻¹⁷ of 1, which would put x̃ on the
+    logit's pole at 1; x̃ is therefore capped at the largest float32 below 1.
+    """
     x = x.float()
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return (x + u) / 2**n_bits
+    return ((x + u) / 2**n_bits).clamp(max=1 - torch.finfo(x.dtype).eps / 2)
 
 
 def bits_per_dim(log_prob: Tensor, num_dims: int, n_bits: int = 8) -> Tensor:

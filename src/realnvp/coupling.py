@@ -53,13 +53,26 @@ class AffineCoupling(Bijection):
         # layers) because the net's last layer starts at zero: both at zero would freeze s.
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
         self._mask_cache: dict[tuple, Tensor] = {}
+        # Mixed precision of the s/t network only: None runs it in the input's dtype,
+        # torch.bfloat16 under autocast (set by RealNVP.set_precision; a run-time option, not
+        # part of the architecture, and not saved with the weights).
+        self.st_autocast: torch.dtype | None = None
 
     def _checkerboard(self, x: Tensor) -> Tensor:
-        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
-        if key not in self._mask_cache:  # built once per spatial size, not at every step
-            self._mask_cache[key] = checkerboard_mask(
+        if torch.compiler.is_compiling():
+            # Filling the cache inside a compiled graph would invalidate that graph's guards
+            # (a recompilation on the next call); there the mask is a folded constant anyway.
+            return checkerboard_mask(
                 x.shape[-2], x.shape[-1], self.parity, device=x.device, dtype=x.dtype
             )
+        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
+        if key not in self._mask_cache:  # built once per spatial size, not at every step
+            # built outside inference mode, so a mask first made while evaluating can still
+            # take part in a later training step's autograd graph
+            with torch.inference_mode(False):
+                self._mask_cache[key] = checkerboard_mask(
+                    x.shape[-2], x.shape[-1], self.parity, device=x.device, dtype=x.dtype
+                )
         return self._mask_cache[key]
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,33 +83,52 @@ class AffineCoupling(Bijection):
     def _merge(self, passed: Tensor, changed: Tensor) -> Tensor:
         return torch.cat([passed, changed] if self.parity == 0 else [changed, passed], dim=1)
 
-    def _s_t(self, passed: Tensor, cond: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor]:
-        raw_s, t = self.net(passed, cond, b).chunk(2, dim=1)
+    def conditioner(self, x: Tensor) -> Tensor:
+        """The part of x that passes through unchanged and is all that s and t see: b ⊙ x
+        (checkerboard, same shape as x) or the passed half of the channels. It is the same for x
+        and for its image y, which is what makes the layer invertible."""
+        return x * self._checkerboard(x) if self.mask == "checkerboard" else self._split(x)[0]
+
+    def s_t(self, h: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """s and t from the conditioner h: full-size and zero on the passed entries
+        (checkerboard), or the size of the transformed half (channel)."""
+        b = self._checkerboard(h) if self.mask == "checkerboard" else None
+        if self.st_autocast is None:
+            raw = self.net(h, cond, b)
+        else:
+            with torch.autocast(h.device.type, dtype=self.st_autocast):
+                raw = self.net(h, cond, b)
+            raw = raw.to(h.dtype)  # s, t, the affine map and the log-det stay in full precision
+        raw_s, t = raw.chunk(2, dim=1)
         s = self.scale * torch.tanh(raw_s)
         if b is not None:  # checkerboard: s and t act on the b = 0 entries only
             s, t = s * (1 - b), t * (1 - b)
         return s, t
 
-    def _affine(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def _scale_shift(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
         return (x + t) * torch.exp(s) if self.shift_then_scale else x * torch.exp(s) + t
 
-    def _affine_inverse(self, y: Tensor, s: Tensor, t: Tensor) -> Tensor:
+    def _unscale_shift(self, y: Tensor, s: Tensor, t: Tensor) -> Tensor:
         return y * torch.exp(-s) - t if self.shift_then_scale else (y - t) * torch.exp(-s)
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def affine(self, x: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        """The coupling's map of the whole of x for given s and t (from :meth:`s_t`)."""
         if self.mask == "checkerboard":
-            b = self._checkerboard(x)
-            s, t = self._s_t(x * b, cond, b)
-            return self._affine(x, s, t), sum_except_batch(s)  # s = t = 0 where b = 1
+            return self._scale_shift(x, s, t)  # s = t = 0 where b = 1: those entries pass
         passed, changed = self._split(x)
-        s, t = self._s_t(passed, cond, None)
-        return self._merge(passed, self._affine(changed, s, t)), sum_except_batch(s)
+        return self._merge(passed, self._scale_shift(changed, s, t))
+
+    def affine_inverse(self, y: Tensor, s: Tensor, t: Tensor) -> Tensor:
+        """Inverse of :meth:`affine` for the same s and t."""
+        if self.mask == "checkerboard":
+            return self._unscale_shift(y, s, t)
+        passed, changed = self._split(y)
+        return self._merge(passed, self._unscale_shift(changed, s, t))
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s, t = self.s_t(self.conditioner(x), cond)
+        return self.affine(x, s, t), sum_except_batch(s)
 
     def inverse(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if self.mask == "checkerboard":
-            b = self._checkerboard(y)
-            s, t = self._s_t(y * b, cond, b)  # b ⊙ y = b ⊙ x: the net sees the same input
-            return self._affine_inverse(y, s, t), -sum_except_batch(s)
-        passed, changed = self._split(y)
-        s, t = self._s_t(passed, cond, None)
-        return self._merge(passed, self._affine_inverse(changed, s, t)), -sum_except_batch(s)
+        s, t = self.s_t(self.conditioner(y), cond)  # conditioner(y) = conditioner(x)
+        return self.affine_inverse(y, s, t), -sum_except_batch(s)

@@ -1,0 +1,505 @@
+"""Speed and memory of Real NVP training, evaluation and sampling, against this machine's own
+3×3-convolution ceiling.
+
+    python benchmarks/bench.py --preset cifar10 --batch-size 64 --json bench.json
+    python benchmarks/bench.py --preset cifar10 --batch-size 64 --json q.json --quick
+
+Every measurement runs in a fresh subprocess (``--worker``), so that peak memory of one mode
+never mixes with another's. A mode is a ``+``-joined list of options:
+
+    fp32 | bf16 | tf32   precision of the s/t networks (tf32: CUDA only, TF32 convolutions)
+    invertible | checkpoint   memory-saving backpropagation (RealNVP.set_memory_mode)
+    cl                   channels_last memory format of the model's convolutions
+    compile              torch.compile of the loss (training and evaluation; sampling eager)
+    jemalloc             the worker runs with LD_PRELOAD=libjemalloc.so.2 (CPU memory
+                         allocator: same speed, less peak memory than glibc's malloc)
+
+What each number means is in docs/benchmarks.md. The training step is the library's own
+objective (``bits_per_dim(model.log_prob(dequantize(x)))`` plus the paper's L2 penalty),
+backpropagation, gradient clipping at 100 and an Adam step; the images are random uint8
+pixels (the speed of the model does not depend on the pixel values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODES = ("fp32,fp32+cl,bf16,bf16+cl,invertible,checkpoint,fp32+cl+jemalloc,"
+                 "cl+invertible+jemalloc,bf16+cl+invertible+jemalloc,compile")
+MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
+OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "cl", "compile", "jemalloc"}
+JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
+
+
+# -- load on the machine ----------------------------------------------------------------------
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal
+    return total - idle, total
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and its finished children, in seconds."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class LoadMeter:
+    """Fraction of the machine's CPU time used by *other* processes between start and stop:
+    (busy time of all CPUs − this process's CPU time) / (wall time × CPUs)."""
+
+    def __init__(self) -> None:
+        self.busy0, self.total0 = cpu_jiffies()
+        self.own0 = own_cpu_seconds()
+
+    def others(self) -> float:
+        busy, total = cpu_jiffies()
+        if total == self.total0:
+            return 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        own_ticks = (own_cpu_seconds() - self.own0) * tick
+        return max(0.0, (busy - self.busy0 - own_ticks) / (total - self.total0))
+
+
+def machine_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over the next ``seconds`` (this process is asleep)."""
+    meter = LoadMeter()
+    time.sleep(seconds)
+    return meter.others()
+
+
+def wait_for_quiet(max_busy: float, max_wait: float) -> dict[str, Any]:
+    """Wait up to ``max_wait`` seconds for the machine to be at most ``max_busy`` busy."""
+    start = time.monotonic()
+    busy = machine_busy()
+    while busy > max_busy and time.monotonic() - start < max_wait:
+        busy = machine_busy(2.0)
+    quiet = busy <= max_busy
+    if not quiet:
+        print(f"WARNING: the machine is {100 * busy:.0f}% busy with other work after waiting "
+              f"{max_wait:.0f} s; the timings below are not representative", file=sys.stderr)
+    return {"busy_before": round(busy, 3), "waited_s": round(time.monotonic() - start, 1),
+            "quiet": quiet, "loadavg_before": [round(v, 2) for v in os.getloadavg()]}
+
+
+# -- the measurements (worker side) -----------------------------------------------------------
+
+
+def peak_memory_mib(device) -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def allocator() -> str:
+    """The malloc this process really uses (a failed LD_PRELOAD only prints a warning)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "jemalloc" if "jemalloc" in maps else "system"
+
+
+def timed(fn, device, warmup: int, iters: int) -> list[float]:
+    """Wall-clock seconds of ``iters`` calls of fn after ``warmup`` untimed ones."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def conv_ceiling(device_name: str, quick: bool) -> dict[str, Any]:
+    """GFLOP/s of large 3×3 convolutions of the cifar10 model's sizes, forward and forward +
+    backward (input and weight gradients: 3× the forward FLOPs), per precision and layout."""
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device(device_name)
+    precisions = ["fp32", "bf16"] + (["tf32"] if device.type == "cuda" else [])
+    shapes = [(64, 32), (128, 16)]  # (channels, size): 64→64 at 32×32, 128→128 at 16×16
+    detail = []
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        if device.type == "cuda":
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        for channels, size in shapes:
+            for layout in ("nchw", "cl"):
+                fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+                x = torch.randn(64, channels, size, size, device=device, dtype=dtype)
+                w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype) * 0.05
+                x, w = x.to(memory_format=fmt), w.to(memory_format=fmt)
+                flop = 2 * channels * channels * 9 * size * size * 64
+                for direction in ("fwd", "fwd_bwd"):
+                    train = direction == "fwd_bwd"
+                    xi, wi = x.detach().requires_grad_(train), w.detach().requires_grad_(train)
+                    grad = torch.ones(64, channels, size, size, device=device, dtype=dtype)
+
+                    def run(xi=xi, wi=wi, train=train, grad=grad):
+                        y = F.conv2d(xi, wi, padding=1)
+                        if train:
+                            torch.autograd.grad(y, (xi, wi), grad)
+
+                    times = timed(run, device, 1 if quick else 3, 2 if quick else 8)
+                    rate = flop * (3 if train else 1) / min(times) / 1e9
+                    detail.append({"precision": precision, "channels": channels, "size": size,
+                                   "layout": layout, "direction": direction,
+                                   "gflop_s": round(rate, 1)})
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    best = {p: {d: max(r["gflop_s"] for r in detail if r["precision"] == p
+                       and r["direction"] == d) for d in ("fwd", "fwd_bwd")}
+            for p in precisions}
+    return {**best, "detail": detail,
+            "note": "best of the two shapes and two layouts at batch 64; bf16 with bf16 tensors"}
+
+
+def build(preset: str, mode: set[str], device, quick: bool):
+    """The model, its training objective and an optimizer, configured for ``mode``."""
+    import torch
+
+    from realnvp import RealNVP, bits_per_dim, dequantize
+
+    overrides = dict(res_blocks=1, features=8) if quick else {}
+    model = RealNVP.from_preset(preset, **overrides).to(device)
+    model.set_precision("bf16" if "bf16" in mode else "fp32")
+    model.set_memory_mode("invertible" if "invertible" in mode else
+                          "checkpoint" if "checkpoint" in mode else "none")
+    if "cl" in mode:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = "tf32" in mode
+        torch.backends.cuda.matmul.allow_tf32 = "tf32" in mode
+    dims = math.prod(model.config.input_shape)
+
+    def loss_fn(images):
+        """Mean bits/dim of a batch of uint8 images: the library's own objective."""
+        return bits_per_dim(model.log_prob(dequantize(images), check=False), dims).mean()
+
+    if "compile" in mode:
+        loss_fn = torch.compile(loss_fn)
+    fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, **fused)
+    return model, loss_fn, optimizer
+
+
+def make_train_step(model, loss_fn, optimizer):
+    """One training step as the paper's recipe has it: bits/dim + 5e-5·Σ(weight-norm
+    magnitudes² and tanh scales²), backpropagation, gradient-norm clipping at 100, Adam."""
+    import torch
+
+    l2 = model.l2_parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(images):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(images) + 5e-5 * sum(p.pow(2).sum() for p in l2)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 100.0, foreach=True)
+        optimizer.step()
+        return loss.detach()  # no .item(): no host sync inside the step
+
+    return step
+
+
+def flop_per_image(model, device) -> float:
+    """Forward FLOPs per image of the eval-mode density (convolutions and matmuls, as counted
+    by torch.utils.flop_counter), from a batch of 2."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from realnvp import dequantize
+
+    images = torch.randint(0, 256, (2, *model.config.input_shape), dtype=torch.uint8,
+                           device=device)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.log_prob(dequantize(images), check=False)
+    model.train(was_training)
+    return counter.get_total_flops() / 2
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure one mode (or the ceiling) in this process; returns the JSON row."""
+    # torch.compile would otherwise compile in a pool of subprocesses whose CPU time the load
+    # meter would count as other processes' load.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if args.worker == "ceiling":
+        return conv_ceiling(args.device, args.quick)
+    mode = set(args.worker.split("+"))
+    model, loss_fn, optimizer = build(args.preset, mode, device, args.quick)
+    images = torch.randint(0, 256, (args.batch_size, *model.config.input_shape),
+                           dtype=torch.uint8, device=device)
+    step = make_train_step(model, loss_fn, optimizer)
+    model.train()
+    warmup, iters = (1, 1) if args.quick else (2, args.iters)
+    if args.memory_only:  # the smaller batch of the memory extrapolation: two steps suffice
+        timed(lambda: step(images), device, 1, 1)
+        return {"peak_rss_mib": round(peak_memory_mib(device), 1)}
+
+    row: dict[str, Any] = {"mode": args.worker, "batch_size": args.batch_size,
+                           "threads": torch.get_num_threads(), "allocator": allocator()}
+    meter = LoadMeter()
+    start = time.perf_counter()
+    first = timed(lambda: step(images), device, 0, 1)[0]  # includes compilation, if any
+    steps = timed(lambda: step(images), device, warmup - 1, iters)
+    row["train_img_s"] = args.batch_size * len(steps) / sum(steps)
+    row["train_step_s"] = [round(t, 3) for t in steps]
+    if "compile" in mode:
+        row["compile_s"] = round(first - min(steps), 1)
+    row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
+
+    model.eval()
+
+    def evaluate():
+        with torch.inference_mode():
+            return loss_fn(images)
+
+    evals = timed(evaluate, device, 1, max(1, iters // 2))
+    row["eval_img_s"] = args.batch_size * len(evals) / sum(evals)
+    if "compile" in mode:  # sampling runs the inverse, which is not compiled
+        row["sample_img_s"] = None
+    else:
+        samples = timed(lambda: model.sample(args.batch_size), device, 1, max(1, iters // 2))
+        row["sample_img_s"] = args.batch_size * len(samples) / sum(samples)
+    row["others_cpu"] = round(meter.others(), 3) if device.type == "cpu" else None
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    row["gflop_per_img"] = flop_per_image(model, device) / 1e9
+    return row
+
+
+# -- the driver ---------------------------------------------------------------------------------
+
+
+def run_worker(args: argparse.Namespace, name: str, batch_size: int,
+               memory_only: bool = False) -> dict[str, Any] | None:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
+           "--preset", args.preset, "--batch-size", str(batch_size), "--device", args.device,
+           "--iters", str(args.iters)]
+    cmd += ["--quick"] if args.quick else []
+    cmd += ["--memory-only"] if memory_only else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    env = dict(os.environ)
+    if "jemalloc" in name.split("+"):
+        env["LD_PRELOAD"] = " ".join(filter(None, [find_jemalloc(), env.get("LD_PRELOAD")]))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"WARNING: worker {name} (batch {batch_size}) failed:\n{result.stderr[-3000:]}",
+              file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def find_jemalloc() -> str | None:
+    return next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "device": device}
+    probe = ("import torch, json; print(json.dumps({'torch': torch.__version__, "
+             "'threads': torch.get_num_threads(), 'gpu': torch.cuda.get_device_name() "
+             "if torch.cuda.is_available() else None}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    if out.returncode == 0:
+        info.update(json.loads(out.stdout))
+    return info
+
+
+def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None,
+                half_batch: int) -> None:
+    """conv_fraction (training FLOP rate over the fwd+bwd ceiling of the same precision),
+    eval_conv_fraction, and the memory extrapolation to 8 GiB."""
+    precision = "bf16" if "bf16" in row["mode"] else "tf32" if "tf32" in row["mode"] else "fp32"
+    ceiling = ceilings.get(precision) if ceilings else None
+    gflop = row["gflop_per_img"]
+    if ceiling:
+        row["conv_fraction"] = round(3 * gflop * row["train_img_s"] / ceiling["fwd_bwd"], 3)
+        row["eval_conv_fraction"] = round(gflop * row["eval_img_s"] / ceiling["fwd"], 3)
+    else:
+        row["conv_fraction"] = row["eval_conv_fraction"] = None
+    # Peak memory is close to linear in the batch size (activations) plus a constant (weights,
+    # optimizer state, the framework): two batch sizes fix the line.
+    row["max_batch_8gib"] = None
+    if half is not None:
+        b, p = row["batch_size"], row["peak_rss_mib"]
+        slope = (p - half["peak_rss_mib"]) / (b - half_batch)
+        row["peak_rss_mib_half_batch"] = half["peak_rss_mib"]
+        if slope > 0:
+            row["max_batch_8gib"] = int((MEMORY_LIMIT_MIB - (p - slope * b)) / slope)
+
+
+def fmt(value, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ("| mode | train img/s | eval img/s | sample img/s | peak RSS MiB | GFLOP/img "
+            "| conv fraction (train) | max batch in 8 GiB* | others' CPU |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        others = r.get("others_cpu")
+        lines.append(
+            f"| {r['mode']} | {fmt(r['train_img_s'], 2)} | {fmt(r['eval_img_s'], 2)} "
+            f"| {fmt(r['sample_img_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
+            f"| {fmt(r['gflop_per_img'], 2)} | {fmt(r['conv_fraction'], 2)} "
+            f"| {fmt(r['max_batch_8gib'])} | {'—' if others is None else f'{100 * others:.0f}%'} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cifar10")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--modes", default=DEFAULT_MODES,
+                        help=f"comma-separated modes (default: {DEFAULT_MODES})")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model and one timed iteration: checks that the script "
+                             "works; its numbers are not results")
+    parser.add_argument("--iters", type=int, default=5, help="timed training steps per mode")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--max-busy", type=float, default=0.05,
+                        help="the machine counts as quiet when other processes use at most "
+                             "this fraction of its CPUs")
+    parser.add_argument("--wait-load", type=float, default=300,
+                        help="seconds to wait for a quiet machine before each measurement")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in modes:
+        unknown = set(m.split("+")) - OPTIONS
+        if unknown or ("tf32" in m and args.device != "cuda"):
+            parser.error(f"bad mode {m!r}: options are {', '.join(sorted(OPTIONS))} "
+                         "(tf32 on cuda only)")
+        if "jemalloc" in m and find_jemalloc() is None:
+            parser.error(f"mode {m!r} needs libjemalloc.so.2 (apt install libjemalloc2) in one "
+                         f"of {', '.join(JEMALLOC_PATHS)}")
+    if args.device == "cpu" and not Path("/proc/stat").exists():
+        parser.error("load monitoring needs Linux /proc")
+
+    result: dict[str, Any] = {
+        "machine": machine_info(args.device),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "quick": args.quick, "preset": args.preset, "batch_size": args.batch_size,
+        "load": {"per_measurement": []},
+    }
+    load = result["load"]
+
+    def quiet(name: str) -> None:
+        state = wait_for_quiet(args.max_busy, args.wait_load)
+        load["per_measurement"].append({"what": name, **state})
+        print(f"[{name}] machine {100 * state['busy_before']:.0f}% busy before "
+              f"(load average {state['loadavg_before'][0]}), waited {state['waited_s']} s",
+              file=sys.stderr)
+
+    quiet("ceiling")
+    ceilings = run_worker(args, "ceiling", args.batch_size)
+    result["ceilings"] = ceilings
+    if ceilings:
+        for p in ("fp32", "bf16", "tf32"):
+            if p in ceilings:
+                print(f"3×3 conv ceiling {p}: {ceilings[p]['fwd']:.0f} GFLOP/s forward, "
+                      f"{ceilings[p]['fwd_bwd']:.0f} forward+backward", file=sys.stderr)
+
+    rows = []
+    half_batch = max(1, args.batch_size // 2)
+    for mode in modes:
+        quiet(mode)
+        row = run_worker(args, mode, args.batch_size)
+        if row is None:
+            continue
+        half = None if "compile" in mode else run_worker(args, mode, half_batch, True)
+        add_derived(row, ceilings, half, half_batch)
+        rows.append(row)
+        print(f"[{mode}] train {row['train_img_s']:.2f} img/s, peak {row['peak_rss_mib']:.0f} "
+              f"MiB, others used {100 * (row['others_cpu'] or 0):.0f}% of the CPUs",
+              file=sys.stderr)
+    result["rows"] = rows
+    result["load"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
+    noisy = [r["mode"] for r in rows if (r.get("others_cpu") or 0) > args.max_busy]
+    result["load"]["noisy_modes"] = noisy
+    if noisy:
+        print(f"WARNING: other processes used more than {100 * args.max_busy:.0f}% of the CPUs "
+              f"while measuring {', '.join(noisy)}: those timings are not representative",
+              file=sys.stderr)
+
+    title = f"{args.preset}, batch {args.batch_size}, {result['machine'].get('cpu')}"
+    if args.quick:
+        title += " — QUICK RUN (tiny model): not results"
+    print(f"\n{title}\n\n{table(rows)}\n\n* extrapolated linearly from the peak memory at batch "
+          f"{args.batch_size} and {half_batch}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Where the time of one training step goes: convolutions against everything else.
+
+    python benchmarks/profile_step.py --preset cifar10 --batch-size 64 --mode fp32+cl
+
+Runs the benchmark's training step (benchmarks/bench.py) under torch.profiler and sums the
+operators' own time per category. The convolutions are the useful work; the rest (batch norm,
+ReLU, element-wise arithmetic, weight normalisation, the optimizer) is what a faster
+implementation can remove. Like bench.py, run it on a quiet machine; it prints the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # noqa: E402  (the benchmark's model, objective and training step)
+
+# operator name (substring) → category; the first match wins
+CATEGORIES = [
+    ("convolution_backward", "convolution, backward"),
+    ("convolution", "convolution, forward"),
+    ("batch_norm", "batch norm (s/t nets)"),
+    ("threshold_backward", "ReLU"),
+    ("clamp_min", "ReLU"),
+    ("relu", "ReLU"),
+    ("weight_norm", "weight norm"),
+    ("adam", "optimizer"),
+    ("Optimizer", "optimizer"),
+    ("cat", "cat / copies"),
+    ("copy", "cat / copies"),
+    ("var_mean", "flow batch norm statistics"),
+    ("lerp", "flow batch norm statistics"),
+]
+
+
+def category(name: str) -> str:
+    return next((c for key, c in CATEGORIES if key in name), "element-wise and other")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cifar10")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--mode", default="fp32", help="a bench.py mode, e.g. fp32+cl, bf16+cl")
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    busy = bench.machine_busy()
+    device = torch.device("cpu")
+    mode = set(args.mode.split("+"))
+    model, loss_fn, optimizer = bench.build(args.preset, mode, device, quick=False)
+    step = bench.make_train_step(model, loss_fn, optimizer)
+    images = torch.randint(0, 256, (args.batch_size, *model.config.input_shape),
+                           dtype=torch.uint8)
+    model.train()
+    gflop = bench.flop_per_image(model, device) / 1e9
+    meter = bench.LoadMeter()
+    wall = bench.timed(lambda: step(images), device, 2, args.steps)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step(images)
+    others = meter.others()
+
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("autograd::engine") or event.key.startswith("Optimizer.zero"):
+            continue  # wrappers: their own time is bookkeeping, the work is in the ops inside
+        name = category(event.key)
+        totals[name] = totals.get(name, 0.0) + event.self_cpu_time_total / 1e3 / args.steps
+    everything = sum(totals.values())
+    step_s = min(wall)
+    print(f"{args.preset}, batch {args.batch_size}, mode {args.mode}, "
+          f"{torch.get_num_threads()} threads; machine {100 * busy:.0f}% busy before, other "
+          f"processes used {100 * others:.0f}% of the CPUs during the run")
+    print(f"step {step_s:.3f} s unprofiled ({args.batch_size / step_s:.2f} img/s); "
+          f"{gflop:.2f} forward GFLOP/img\n")
+    print("| category | ms / step | share |\n|---|---|---|")
+    for name, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {ms:.1f} | {100 * ms / everything:.1f}% |")
+    conv_ms = totals.get("convolution, forward", 0) + totals.get("convolution, backward", 0)
+    if conv_ms:
+        rate = 3 * gflop * args.batch_size / (conv_ms / 1e3)
+        print(f"\nconvolutions alone: {rate:.0f} GFLOP/s (3 × forward FLOPs over their time); "
+              f"the step as a whole: {3 * gflop * args.batch_size / step_s:.0f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Memory-saving backpropagation: the same gradients and running statistics as ordinary
+backpropagation, far fewer stored activations, and an exactly invertible model afterwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import perturb, small_image_model
+
+from realnvp import RealNVP, RealNVPConfig
+from realnvp.memory import frozen_running_stats
+
+MODES = ["invertible", "checkpoint"]
+
+CONFIGS = [
+    ("image", lambda: small_image_model((3, 8, 8), 2, res_blocks=2)),
+    ("image-official-lagged", lambda: small_image_model(
+        (3, 8, 8), 2, shift_then_scale=True, logit_form="official", batch_norm="lagged")),
+    ("image-3-scales-conditional", lambda: small_image_model((2, 8, 8), 3, num_classes=3)),
+    ("vector", lambda: RealNVP(RealNVPConfig(input_shape=(6,), coupling_layers=4, features=16,
+                                             res_blocks=2))),
+]
+
+
+def batch(model: RealNVP, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(1)
+    shape = model.config.input_shape
+    if model.config.is_image:
+        x = torch.rand((n, *shape), generator=g, dtype=dtype) * 0.9 + 0.05
+    else:
+        x = torch.randn((n, *shape), generator=g, dtype=dtype)
+    cond = torch.arange(n) % model.config.num_classes if model.config.num_classes else None
+    return x, cond
+
+
+def train_step(model: RealNVP, mode: str, x, cond):
+    """One training forward/backward (the mean negative log-likelihood, in train mode)."""
+    model = copy.deepcopy(model).set_memory_mode(mode).train()
+    loss = -model.log_prob(x, cond, check=False).mean()
+    loss.backward()
+    return model, loss.detach()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name,factory", CONFIGS, ids=[n for n, _ in CONFIGS])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-8), (torch.float32, 1e-3)])
+def test_gradients_and_running_stats_match_backprop(mode, name, factory, dtype, rtol):
+    model = perturb(factory().to(dtype), seed=2, scale=0.1)
+    x, cond = batch(model, 8, dtype)
+    ref, ref_loss = train_step(model, "none", x, cond)
+    out, loss = train_step(model, mode, x, cond)
+    assert loss == ref_loss  # the forward pass itself is unchanged
+
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    total = torch.sqrt(sum(g.pow(2).sum() for g in ref_grads.values()))
+    assert total > 0
+    for n, p in out.named_parameters():
+        g, g_ref = p.grad, ref_grads[n]
+        assert g is not None, n
+        # Relative to the parameter's own gradient; gradients that vanish in exact arithmetic
+        # (biases of convolutions that feed a train-mode batch norm) are rounding noise, and
+        # are compared with the size of the whole gradient instead.
+        scale = torch.maximum(g_ref.norm(), 1e-3 * total)
+        assert (g - g_ref).norm() <= rtol * scale, (n, (g - g_ref).norm() / scale)
+
+    # Running statistics moved once, exactly as in ordinary backpropagation.
+    for (n, b), b_ref in zip(out.named_buffers(), ref.buffers()):
+        assert torch.equal(b, b_ref), n
+    moved = [not torch.equal(b, b0) for b, b0 in zip(out.buffers(), model.buffers())]
+    assert any(moved)
+
+    # The model after the step is still an exact bijection.
+    out.eval()
+    with torch.no_grad():
+        latents = out.encode(x, cond)
+        back = out.decode(latents, cond)
+    assert (back - x).abs().max() <= (1e-10 if dtype == torch.float64 else 1e-4)
+
+
+def saved_bytes(model: RealNVP, mode: str, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training loss."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    model = copy.deepcopy(model).set_memory_mode(mode).train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = -model.log_prob(x, check=False).mean()
+    loss.backward()
+    return total
+
+
+def test_memory_modes_store_far_less():
+    model = perturb(small_image_model((3, 16, 16), 2, res_blocks=4, features=16), seed=3)
+    x, _ = batch(model, 4, torch.float32)
+    stored = {mode: saved_bytes(model, mode, x) for mode in ["none", *MODES]}
+    # Ordinary backprop keeps every s/t activation (tens of tensors of 16–32 channels per
+    # coupling); the memory modes keep the flow's 3-channel tensors and the weights.
+    assert stored["invertible"] < stored["none"] / 10, stored
+    assert stored["checkpoint"] < stored["none"] / 5, stored
+
+
+def test_no_grad_and_eval_unaffected():
+    model = perturb(small_image_model((3, 8, 8), 2), seed=4).eval()
+    x, _ = batch(model, 4, torch.float32)
+    ref = model.log_prob(x)
+    for mode in MODES:
+        model.set_memory_mode(mode)
+        assert torch.equal(model.log_prob(x), ref)
+        with torch.no_grad():
+            assert torch.equal(model.log_prob(x), ref)
+    with pytest.raises(ValueError, match="memory mode"):
+        model.set_memory_mode("rematerialise")
+
+
+def test_frozen_running_stats_restores_torch_batch_norm():
+    bn = torch.nn.BatchNorm2d(3, momentum=None).train()  # cumulative average: uses the count
+    x = torch.randn(4, 3, 2, 2)
+    bn(x)
+    before = [b.clone() for b in bn.buffers()]
+    with frozen_running_stats(bn):
+        y = bn(x * 2 + 1)
+    assert all(torch.equal(b, b0) for b, b0 in zip(bn.buffers(), before))
+    assert bn.momentum is None
+    # and inside the block it still normalised with the batch's statistics
+    assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5

@@ -12,6 +12,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import batch_moments
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training statistics can span every process of a distributed run
+    (``sync_stats``, set by :func:`realnvp.distributed.sync_batch_norm`). Off (the default), it
+    is exactly ``nn.BatchNorm2d``; the parameters, buffers and state-dict keys are the same."""
+
+    sync_stats = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.sync_stats and self.training):
+            return super().forward(x)
+        # Statistics in at least float32, as nn.BatchNorm2d computes them for bfloat16 inputs.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean, var, n = batch_moments(h, (0, 2, 3), sync=True)
+        if self.track_running_stats:  # the update nn.BatchNorm2d makes (unbiased variance)
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return (h * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(x.dtype)
+
 
 class WeightNormConv2d(nn.Module):
     """Convolution with weight normalisation (Salimans & Kingma 2016): w = g · v / ‖v‖ per output
@@ -30,8 +59,11 @@ class WeightNormConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def weight(self) -> Tensor:
-        v = self.weight_v
-        return self.weight_g * v * torch.rsqrt(v.pow(2).sum(dim=(1, 2, 3), keepdim=True))
+        # g · v / ‖v‖ with the norm over all but the output dimension, as one fused kernel
+        # (the one torch.nn.utils.weight_norm uses): about 4× cheaper forward and backward
+        # than the same formula in separate operations, which for 270 small convolutions a
+        # step is a measurable share.
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.weight(), self.bias, padding=self.padding)
@@ -42,9 +74,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, features: int) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(features)
+        self.norm1 = BatchNorm2d(features)
         self.conv1 = WeightNormConv2d(features, features, 3)
-        self.norm2 = nn.BatchNorm2d(features)
+        self.norm2 = BatchNorm2d(features)
         self.conv2 = WeightNormConv2d(features, features, 3)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -78,13 +110,13 @@ class ResNet(nn.Module):
         cond_features: int = 0,
     ) -> None:
         super().__init__()
-        self.in_norm = nn.BatchNorm2d(in_channels)
+        self.in_norm = BatchNorm2d(in_channels)
         self.stem = WeightNormConv2d(2 * in_channels + extra_channels, features, 3)
         self.cond_proj = nn.Linear(cond_features, features) if cond_features else None
         self.stem_skip = WeightNormConv2d(features, features, 1)
         self.blocks = nn.ModuleList(ResidualBlock(features) for _ in range(blocks))
         self.skips = nn.ModuleList(WeightNormConv2d(features, features, 1) for _ in range(blocks))
-        self.out_norm = nn.BatchNorm2d(features)
+        self.out_norm = BatchNorm2d(features)
         self.out_conv = WeightNormConv2d(features, out_channels, 3, zero_init=True)
 
     def forward(

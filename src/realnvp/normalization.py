@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .bijection import Bijection
+from .distributed import batch_mean_var
 
 BatchNormMode = Literal["batch", "lagged"]
 
@@ -28,6 +29,8 @@ class BatchNormFlow(Bijection):
 
     running_mean: Tensor
     running_var: Tensor
+    # Training statistics over all processes of a distributed run (realnvp.distributed).
+    sync_stats = False
 
     def __init__(
         self,
@@ -55,15 +58,26 @@ class BatchNormFlow(Bijection):
         positions = x[0, 0].numel()  # H · W for images, 1 for vectors
         return dims, view, positions
 
-    def _statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def statistics(
+        self, x: Tensor, running: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The per-channel (mean, var), each (C,), that this layer normalises ``x`` with.
+
+        Eval mode: the running averages. Train mode: the batch's statistics (blended with the
+        running averages in lagged mode), and the running averages move towards them unless
+        ``update_running_stats`` is False. ``running`` replaces the running averages the lagged
+        blend starts from: a recomputation of an earlier forward pass (:mod:`realnvp.memory`)
+        passes the values they had then.
+        """
         if not self.training:
             return self.running_mean, self.running_var
         dims, _, _ = self._shape(x)
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        mean, var = batch_mean_var(x, dims, sync=self.sync_stats)
         m = self.momentum
         if self.mode == "lagged":
-            mean = (1 - m) * self.running_mean + m * mean
-            var = (1 - m) * self.running_var + m * var
+            running_mean, running_var = running or (self.running_mean, self.running_var)
+            mean = (1 - m) * running_mean + m * mean
+            var = (1 - m) * running_var + m * var
             if self.update_running_stats:
                 with torch.no_grad():
                     self.running_mean.copy_(mean)
@@ -74,17 +88,24 @@ class BatchNormFlow(Bijection):
                 self.running_var.lerp_(var.detach(), m)
         return mean, var
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """y = (x − mean) / √(var + ε) per channel, and its log|det| (N,)."""
         _, view, positions = self._shape(x)
-        mean, var = self._statistics(x)
         log_std = 0.5 * torch.log(var + self.eps)
         y = (x - mean.view(view)) * torch.exp(-log_std).view(view)
         logdet = -positions * log_std.sum()
         return y, logdet.expand(x.shape[0]).to(x.dtype)
 
-    def inverse(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def denormalize(self, y: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`normalize` with the same statistics: x = y · √(var + ε) + mean."""
         _, view, positions = self._shape(y)
-        log_std = 0.5 * torch.log(self.running_var + self.eps)
-        x = y * torch.exp(log_std).view(view) + self.running_mean.view(view)
+        log_std = 0.5 * torch.log(var + self.eps)
+        x = y * torch.exp(log_std).view(view) + mean.view(view)
         logdet = positions * log_std.sum()
         return x, logdet.expand(y.shape[0]).to(y.dtype)
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.normalize(x, *self.statistics(x))
+
+    def inverse(self, y: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.denormalize(y, self.running_mean, self.running_var)

@@ -18,11 +18,23 @@ Exact resume: the data order is a permutation per epoch seeded by (seed, epoch);
 dequantisation noise and the augmentations draw from two generators whose states, with the
 model, the optimiser, the batch-norm statistics and the step, are in every checkpoint. A run
 restarted from a checkpoint therefore takes bit-for-bit the same steps as one never stopped.
+
+Several processes (``torchrun``, see :mod:`realnvp.distributed` and docs/distributed.md): each
+step takes a global batch of ``batch_size`` × world size images from the epoch's permutation,
+rank r using the r-th slice; the learning rate is not scaled. The data position is kept in
+images (epoch, offset into the epoch's permutation), so a run resumed with another number of
+processes continues at the same image. Rank 0's noise and augmentation generators are the
+single-process ones and are checkpointed; rank r ≥ 1 reseeds its generators at every step from
+(seed, rank, step). Resuming with the same number of processes is therefore exact; with another
+number it continues with the same parameters, optimiser state and data position, but the images
+meet other noise. Only rank 0 writes files (checkpoints, samples, metrics, config, TensorBoard).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import sys
@@ -32,10 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .data import ImageDataset, load_dataset
+from .distributed import DistributedContext, pick_device  # noqa: F401 (cli imports it here)
 from .evaluate import evaluate
 from .figures import save_image_grid
 from .model import RealNVP, RealNVPConfig
@@ -59,7 +75,7 @@ class TrainConfig:
     data_dir: str = str(DEMO_DATA)
     run_dir: str = "runs/default"
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64            # per process: the global batch is batch_size × processes
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -78,7 +94,8 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite: int = 20
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"            # with torchrun: cuda → each process takes cuda:LOCAL_RANK
+    sync_batchnorm: bool = True     # several processes: batch statistics over all of them
     tensorboard: bool = False
     progress: bool = True
 
@@ -101,6 +118,19 @@ class RunState:
     step: int = 0
     best_valid_bpd: float = math.inf
     nonfinite_steps: int = 0
+    epoch: int = 0          # the data position: images [0, epoch_offset) of the epoch's
+    epoch_offset: int = 0   # permutation are used (independent of the number of processes)
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict, n: int) -> RunState:
+        """The checkpoint's run state; checkpoints from before the data position was saved
+        (written by one process) get it from their step and batch size."""
+        saved = dict(payload["run_state"])
+        if "epoch" not in saved:
+            batch = payload.get("train_config", {}).get("batch_size", TrainConfig.batch_size)
+            epoch, k = divmod(saved["step"], max(n // batch, 1))
+            saved.update(epoch=epoch, epoch_offset=k * batch)
+        return cls(**saved)
 
 
 # -- configuration files ------------------------------------------------------------------------
@@ -164,10 +194,11 @@ def _all_finite(module: torch.nn.Module) -> bool:
 
 
 def save_checkpoint(path: Path, model: RealNVP, optimizer: torch.optim.Optimizer,
-                    state: RunState, train: TrainConfig, generators: dict[str, torch.Generator]
-                    ) -> None:
+                    state: RunState, train: TrainConfig, generators: dict[str, torch.Generator],
+                    world_size: int = 1) -> None:
     """Write a checkpoint atomically; refuses (raises) if the model holds a non-finite value, so
-    a diverged state never replaces a good checkpoint."""
+    a diverged state never replaces a good checkpoint. ``generators`` are rank 0's;
+    ``world_size`` (the number of processes that trained) is informative only."""
     if not _all_finite(model):
         raise FloatingPointError("the model holds non-finite parameters or statistics: "
                                  f"not writing {path}")
@@ -178,6 +209,7 @@ def save_checkpoint(path: Path, model: RealNVP, optimizer: torch.optim.Optimizer
         "optimizer": optimizer.state_dict(),
         "run_state": dataclasses.asdict(state),
         "rng": {name: g.get_state() for name, g in generators.items()},
+        "world_size": world_size,
     }, path)
 
 
@@ -192,22 +224,32 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 # -- the loop -----------------------------------------------------------------------------------
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, epoch: int, seed: int) -> Tensor:
+    """The order in which epoch ``epoch`` visits the ``n`` training images, seeded by
+    (seed, epoch). Cached: every step of an epoch slices the same permutation."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """The dataset indices of training step ``step``: batch ``step % (n // B)`` of the epoch
-    ``step // (n // B)`` permutation, seeded by (seed, epoch); the last partial batch is dropped."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
+def batch_indices(n: int, batch_size: int, epoch: int, offset: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> tuple[Tensor, int, int]:
+    """Rank ``rank``'s dataset indices for the training step at data position (epoch, offset),
+    and the position after the step.
+
+    The step takes the global batch of ``batch_size × world_size`` images that follows
+    ``offset`` in the epoch's permutation (the next epoch's start if fewer images remain: the
+    last partial batch is dropped); rank r takes its r-th slice of ``batch_size``. One process
+    with batch 2B and two with batch B therefore use the same images at every step.
+    """
+    size = batch_size * world_size
+    if size > n:
+        processes = f" ({batch_size} × {world_size} processes)" if world_size > 1 else ""
         raise ValueError(f"the training split has {n} images, fewer than one batch of "
-                         f"{batch_size}")
-    epoch, k = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return order[k * batch_size:(k + 1) * batch_size]
+                         f"{size}{processes}")
+    if offset + size > n:
+        epoch, offset = epoch + 1, 0
+    start = offset + rank * batch_size
+    return epoch_order(n, epoch, seed)[start:start + batch_size], epoch, offset + size
 
 
 def learning_rate(train: TrainConfig, step: int) -> float:
@@ -225,19 +267,61 @@ def _batchnorm_buffers(model: RealNVP) -> list[torch.Tensor]:
     return [b for name, b in model.named_buffers() if "running" in name or "num_batches" in name]
 
 
+class Objective(nn.Module):
+    """The training loss of a batch, as a module: (loss, mean bits/dim) of dequantised images
+    (nats for vectors), loss = bits/dim + l2 · Σ v². A module so that DistributedDataParallel
+    can wrap it: DDP synchronises the gradients of what its wrapped module's forward computes."""
+
+    def __init__(self, model: RealNVP, l2: float) -> None:
+        super().__init__()
+        self.model, self.l2 = model, l2
+        self.l2_params = model.l2_parameters()
+
+    def forward(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        model = self.model
+        if model.config.is_image:  # minimise bits/dim of dequantised pixels
+            bpd = bits_per_dim(model.log_prob(x, cond, check=False), x[0].numel()).mean()
+        else:  # vectors: minimise the negative log-likelihood in nats
+            bpd = -model.log_prob(x, cond, check=False).mean()
+        loss = bpd + self.l2 * sum(p.pow(2).sum() for p in self.l2_params)
+        return loss, bpd
+
+
+def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``module``, without its broadcast of rank 0's buffers at
+    every forward pass: synchronised running statistics are equal on every rank anyway, and
+    unsynchronised ones are averaged when used (Trainer._agree_on_running_stats)."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_broadcast = ("forward_sync_buffers"  # torch ≥ 2.13 (broadcast_buffers is deprecated)
+                    if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                    else "broadcast_buffers")
+    return ddp(module, device_ids=[device] if device.type == "cuda" else None,
+               **{no_broadcast: False})
+
+
 class Trainer:
-    """One run: builds or resumes everything from ``run_dir``, then :meth:`run` trains."""
+    """One run: builds or resumes everything from ``run_dir``, then :meth:`run` trains.
+
+    Under torchrun (WORLD_SIZE > 1) every process builds a Trainer: they join one process group,
+    resume from the checkpoint rank 0 chooses, and train with DistributedDataParallel.
+    """
 
     def __init__(self, model_config: RealNVPConfig, train: TrainConfig,
                  resume: bool = True) -> None:
         self.train_config = train
         self.run_dir = Path(train.run_dir)
-        self.device = pick_device(train.device)
+        self.dist: DistributedContext = distributed.setup(train.device)
+        self.device = self.dist.device
         self.train_set = load_dataset(train.dataset, train.data_dir, "train", seed=train.seed,
                                       valid_size=train.valid_size)
         self.valid_set = load_dataset(train.dataset, train.data_dir, "valid", seed=train.seed,
                                       valid_size=train.valid_size)
         latest = latest_checkpoint(self.run_dir) if resume else None
+        latest = distributed.broadcast_object(self.dist, latest)  # rank 0's choice, everywhere
+        if latest is not None and not latest.is_file():
+            raise CheckpointError(f"rank {self.dist.rank} cannot see {latest}, from which rank 0 "
+                                  "resumes: the run directory must be on a filesystem that "
+                                  "every node shares")
         payload = load_checkpoint(latest, self.device) if latest else None
         if payload is not None:
             model_config = RealNVPConfig.from_dict(payload["config"])
@@ -257,20 +341,31 @@ class Trainer:
             "augment": torch.Generator().manual_seed(train.seed + 2),
         }
         self.state = RunState()
+        self.resumed_world_size: int | None = None
         if payload is not None:
             self.model.load_state_dict(payload["state_dict"])
             self.optimizer.load_state_dict(payload["optimizer"])
-            self.state = RunState(**payload["run_state"])
+            self.state = RunState.from_checkpoint(payload, len(self.train_set))
             for name, g in self.generators.items():
                 g.set_state(payload["rng"][name].to("cpu"))
             self.resumed_from: Path | None = latest
-            self._truncate_metrics(self.state.step)
+            self.resumed_world_size = payload.get("world_size", 1)
+            if self.dist.is_main:
+                self._truncate_metrics(self.state.step)
         else:
             self.resumed_from = None
-        write_config(self.run_dir / "config.toml", model_config, train)
-        self.l2_params = self.model.l2_parameters()
+        if self.dist.is_main:
+            write_config(self.run_dir / "config.toml", model_config, train)
+        # Several processes: batch statistics over all of them (unless turned off), and
+        # gradients averaged by DistributedDataParallel around the loss.
+        self.sync_batchnorm = self.dist.enabled and train.sync_batchnorm
+        distributed.sync_batch_norm(self.model, self.sync_batchnorm)
+        self.objective: nn.Module = Objective(self.model, train.l2)
+        self.l2_params = self.objective.l2_params
+        if self.dist.enabled:
+            self.objective = _data_parallel(self.objective, self.device)
         self.writer = None
-        if train.tensorboard:
+        if train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -290,22 +385,48 @@ class Trainer:
         return dataclasses.replace(config, num_classes=dataset.num_classes,
                                    label_kind=dataset.label_kind or "class")
 
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimiser step, over all processes."""
+        return self.train_config.batch_size * self.dist.world_size
+
+    def next_batch(self) -> tuple[Tensor, Tensor | None]:
+        """This process's images and labels (on the device) for the next step, augmented; moves
+        the data position on by one global batch."""
+        t, state, ctx = self.train_config, self.state, self.dist
+        if ctx.rank > 0:  # rank r's streams at step s: a function of (seed, r, s), see the top
+            for name, g in self.generators.items():
+                g.manual_seed(distributed.stream_seed(t.seed, ctx.rank, state.step, name))
+        index, state.epoch, state.epoch_offset = batch_indices(
+            len(self.train_set), t.batch_size, state.epoch, state.epoch_offset, t.seed,
+            ctx.rank, ctx.world_size)
+        images, labels = self.train_set.get_batch(index)
+        images = self.train_set.train_transform(images, self.generators["augment"])
+        images = images.to(self.device)
+        labels = labels.to(self.device) if labels is not None else None
+        return images, labels
+
     def training_step(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float
                       ) -> tuple[torch.Tensor, bool]:
         """One optimiser step on a uint8 image batch (or float vectors); returns (the mean train
-        bits/dim, or nats for vectors, and whether the step was taken)."""
+        bits/dim, or nats for vectors, and whether the step was taken). With several processes
+        the bits/dim is the mean over the global batch and every process takes the same
+        decision."""
         model, opt, train = self.model, self.optimizer, self.train_config
         saved_stats = [b.clone() for b in _batchnorm_buffers(model)]
         cond = labels if model.config.num_classes else None
-        if model.config.is_image:  # minimise bits/dim of dequantised pixels
+        if model.config.is_image:
             x = dequantize(images, generator=self.generators["noise"])
-            bpd = bits_per_dim(model.log_prob(x, cond, check=False), x[0].numel()).mean()
-        else:  # vectors: minimise the negative log-likelihood in nats
-            bpd = -model.log_prob(images, cond, check=False).mean()
-        loss = bpd + train.l2 * sum(p.pow(2).sum() for p in self.l2_params)
+        else:
+            x = images
+        loss, bpd = self.objective(x, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        if self.dist.enabled:  # each process's loss is the mean over its part of the batch
+            both = torch.stack([loss.detach(), bpd.detach()])
+            dist.all_reduce(both)
+            loss, bpd = both / self.dist.world_size
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             with torch.no_grad():  # undo the batch-norm update of the bad forward pass
                 for buffer, saved in zip(_batchnorm_buffers(model), saved_stats):
@@ -317,7 +438,16 @@ class Trainer:
         opt.step()
         return bpd.detach(), True
 
+    def _agree_on_running_stats(self) -> None:
+        """Without synchronised batch norm, each process's running averages follow its own
+        batches; before they are used (evaluation, samples) or saved, every process replaces
+        them by their mean over processes. Synchronised, they are equal by construction."""
+        if self.dist.enabled and not self.sync_batchnorm:
+            distributed.average_running_stats(self.dist, self.model)
+
     def log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -327,8 +457,21 @@ class Trainer:
                     self.writer.add_scalar(key, value, record["step"])
 
     def evaluate(self) -> float:
-        t = self.train_config
-        return evaluate(self.model, self.valid_set, max_images=t.eval_images, seed=t.seed).mean
+        """Mean validation bits/dim (eval mode). Several processes evaluate one shard each
+        (images r, r + W, ...) and gather the per-image values: the mean is over the same images
+        as on one process, with other dequantisation noise."""
+        t, ctx = self.train_config, self.dist
+        if not ctx.enabled:
+            return evaluate(self.model, self.valid_set, max_images=t.eval_images,
+                            seed=t.seed).mean
+        n = len(self.valid_set) if t.eval_images is None else min(t.eval_images,
+                                                                    len(self.valid_set))
+        shard = distributed.Shard(self.valid_set, distributed.eval_shard(ctx, n))
+        values = torch.zeros(0, dtype=torch.float64)
+        if len(shard):
+            seed = distributed.stream_seed(t.seed, ctx.rank, 0, "eval")
+            values = evaluate(self.model, shard, seed=seed).per_image  # type: ignore[arg-type]
+        return distributed.gather_shards(ctx, values, n).mean().item()
 
     def write_samples(self) -> Path:
         t = self.train_config
@@ -342,29 +485,29 @@ class Trainer:
         images = self.model.sample(n, cond=cond, generator=g)
         return save_image_grid(images, self.run_dir / "samples" / f"step-{self.state.step:07d}.png")
 
+    def _save(self, path: Path) -> None:
+        save_checkpoint(path, self.model, self.optimizer, self.state, self.train_config,
+                        self.generators, self.dist.world_size)
+
     def checkpoint(self) -> Path:
         t, step = self.train_config, self.state.step
         path = checkpoint_dir(self.run_dir) / f"ckpt-{step:07d}.pt"
-        save_checkpoint(path, self.model, self.optimizer, self.state, t, self.generators)
+        self._save(path)
         for old in sorted(checkpoint_dir(self.run_dir).glob("ckpt-*.pt"))[:-t.keep_checkpoints]:
             old.unlink()
         return path
 
     def run(self) -> RunState:
-        t, model, state = self.train_config, self.model, self.state
+        t, model, state, main = self.train_config, self.model, self.state, self.dist.is_main
         model.train()
-        bar = tqdm(total=t.steps, initial=state.step, disable=not t.progress, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=state.step, disable=not (t.progress and main),
+                   unit="step", dynamic_ncols=True)
         images_seen, clock = 0, time.perf_counter()
         while state.step < t.steps:
-            index = batch_indices(len(self.train_set), t.batch_size, state.step, t.seed)
-            images, labels = self.train_set.get_batch(index)
-            images = self.train_set.train_transform(images, self.generators["augment"])
-            images = images.to(self.device)
-            labels = labels.to(self.device) if labels is not None else None
+            images, labels = self.next_batch()
             bpd, taken = self.training_step(images, labels, learning_rate(t, state.step))
             state.step += 1
-            images_seen += images.shape[0]
+            images_seen += images.shape[0] * self.dist.world_size
             if not taken:
                 state.nonfinite_steps += 1
                 self.log({"step": state.step, "skipped_nonfinite": state.nonfinite_steps})
@@ -382,23 +525,30 @@ class Trainer:
                 self.log({"step": state.step, "train_bpd": bpd.item(), "img_per_s": rate,
                           "lr": learning_rate(t, state.step - 1)})
             last = state.step == t.steps
-            if state.step % t.eval_every == 0 or last:
+            evaluate_now = state.step % t.eval_every == 0 or last
+            sample_now = (state.step % t.sample_every == 0 or last) and model.config.is_image
+            checkpoint_now = state.step % t.checkpoint_every == 0 or last
+            if evaluate_now or sample_now or checkpoint_now:
+                self._agree_on_running_stats()
+            if evaluate_now:  # every process evaluates its shard
                 valid_bpd = self.evaluate()
                 self.log({"step": state.step, "valid_bpd": valid_bpd})
                 unit = "bits/dim" if model.config.is_image else "nats"
-                bar.write(f"step {state.step}: valid {valid_bpd:.4f} {unit}")
+                if main:
+                    bar.write(f"step {state.step}: valid {valid_bpd:.4f} {unit}")
                 if valid_bpd < state.best_valid_bpd:
                     state.best_valid_bpd = valid_bpd
-                    save_checkpoint(checkpoint_dir(self.run_dir) / "best.pt", model,
-                                    self.optimizer, state, t, self.generators)
-            if (state.step % t.sample_every == 0 or last) and model.config.is_image:
+                    if main:
+                        self._save(checkpoint_dir(self.run_dir) / "best.pt")
+            if sample_now and main:
                 self.write_samples()  # vector models: see `realnvp toy`
-            if state.step % t.checkpoint_every == 0 or last:
+            if checkpoint_now and main:
                 self.checkpoint()
             bar.update(1)
         bar.close()
         if self.writer is not None:
             self.writer.close()
+        distributed.barrier(self.dist)  # rank 0's last files exist when run() returns anywhere
         return state
 
 

@@ -1,0 +1,292 @@
+"""Training on several processes (torch.distributed, gloo on CPU): 2 ranks × batch B with
+synchronised batch norm compute what 1 rank × batch 2B computes; checkpoints resume across world
+sizes (2 → 1 → 2); only rank 0 writes; the data position and the global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import realnvp.model
+import realnvp.train
+from realnvp import RealNVPConfig
+from realnvp.distributed import shutdown
+from realnvp.train import (
+    DEMO_DATA,
+    RunState,
+    TrainConfig,
+    Trainer,
+    batch_indices,
+    latest_checkpoint,
+    load_checkpoint,
+)
+
+MODEL = RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=8)
+TINY = ["--scales", "2", "--res-blocks", "1", "--features", "8"]
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def one_thread_env(monkeypatch):
+    """Every process on one thread (2 cores here) and gloo on the loopback interface only."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    if "lo" in {name for _, name in socket.if_nameindex()}:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+
+
+def spawn(worker, world: int, *args) -> None:
+    """Run ``worker(rank, world, *args)`` on ``world`` processes joined by torchrun's variables
+    (the Trainer creates the process group from them, as under torchrun)."""
+    torch.multiprocessing.spawn(_entry, args=(world, free_port(), worker, args), nprocs=world)
+
+
+def _entry(rank: int, world: int, port: int, worker, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world, *args)
+    finally:
+        shutdown()
+
+
+def watch_writes(root: Path) -> list[str]:
+    """Record every file or folder this process creates, opens for writing, renames or deletes
+    under ``root`` (Python's audit events), to show that a rank writes nothing."""
+    root, seen = str(root), []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, Path)):
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            if writing and str(args[0]).startswith(root):
+                seen.append(f"open {args[0]}")
+        elif event in ("os.mkdir", "os.rename", "os.remove", "os.truncate") and \
+                str(args[0]).startswith(root):
+            seen.append(f"{event} {args[0]}")
+
+    sys.addaudithook(hook)
+    return seen
+
+
+def fixed_noise(x, n_bits=8, generator=None):
+    """Dequantisation without randomness: both set-ups see the same x̃ for an image."""
+    return (x.to(torch.get_default_dtype()) + 0.5) / 2**n_bits
+
+
+def test_global_batch_and_data_position():
+    """Rank r's slice of 2 × B is the r-th half of the single-process batch of 2B at every step,
+    epochs roll over at the same image, and one process keeps its old step-based batches."""
+    n, seed = 100, 3
+    position = {1: (0, 0), 2: (0, 0)}
+    for step in range(12):  # 3 epochs of 4 global batches of 24 (4 images dropped per epoch)
+        one, *position[1] = batch_indices(n, 24, *position[1], seed)
+        halves = []
+        for rank in range(2):
+            part, *after = batch_indices(n, 12, *position[2], seed, rank, 2)
+            halves.append(part)
+        position[2] = after
+        assert torch.equal(torch.cat(halves), one) and position[1] == position[2]
+        epoch, k = divmod(step, n // 24)  # the single-process order before this issue
+        old = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        assert torch.equal(one, old[k * 24:(k + 1) * 24])
+    assert position[1] == [2, 96]
+    with pytest.raises(ValueError, match="fewer than one batch of 128 \\(64 × 2 processes\\)"):
+        batch_indices(n, 64, 0, 0, seed, 0, 2)
+    # a checkpoint from before the data position was saved: derived from its step
+    old_payload = {"run_state": {"step": 1130, "best_valid_bpd": 5.0, "nonfinite_steps": 0},
+                   "train_config": {"batch_size": 16}}
+    state = RunState.from_checkpoint(old_payload, 9000)  # 562 batches per epoch
+    assert (state.step, state.epoch, state.epoch_offset) == (1130, 2, 6 * 16)
+
+
+def step_config(run_dir: Path, batch_size: int, **overrides) -> TrainConfig:
+    return TrainConfig(run_dir=str(run_dir), steps=1, batch_size=batch_size, eval_every=1,
+                       eval_images=41, sample_every=1000, sample_count=4, checkpoint_every=1000,
+                       progress=False, **overrides)
+
+
+# name: (dtype, memory-saving mode, synchronised batch norm)
+VARIANTS = {"float32": (torch.float32, "none", True), "float64": (torch.float64, "none", True),
+            "invertible": (torch.float64, "invertible", True),
+            "checkpoint": (torch.float64, "checkpoint", True),
+            "unsynced": (torch.float32, "none", False)}
+
+
+def one_step(run_dir: Path, batch_size: int, variant: str) -> tuple[Trainer, dict]:
+    """A fresh run of one step: the trainer and the step's (clipped) gradients."""
+    dtype, mode, sync = VARIANTS[variant]
+    torch.set_default_dtype(dtype)
+    try:
+        trainer = Trainer(MODEL, step_config(run_dir / variant, batch_size, sync_batchnorm=sync))
+        trainer.model.set_memory_mode(mode)
+        trainer.run()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return trainer, {n: p.grad for n, p in trainer.model.named_parameters()}
+
+
+def _one_step_worker(rank: int, world: int, run_dir: Path, batch_size: int, out: Path) -> None:
+    realnvp.train.dequantize = realnvp.model.dequantize = fixed_noise
+    writes = watch_writes(run_dir)
+    for variant in VARIANTS:
+        trainer, grads = one_step(run_dir, batch_size, variant)
+        assert trainer.global_batch_size == world * batch_size
+        torch.save({"state": trainer.model.state_dict(), "grads": grads},
+                   out / f"{variant}-{rank}.pt")
+    (out / f"writes-{rank}.json").write_text(json.dumps(writes))
+
+
+def metrics(run_dir: Path) -> dict:
+    merged: dict = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        merged.update(json.loads(line))
+    return merged
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    return max((a[k].double() - v.double()).abs().max().item() for k, v in b.items()
+               if v.is_floating_point())
+
+
+def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env, monkeypatch):
+    """One step: 2 ranks × batch 8 with synchronised batch norm (flow and s/t networks) equals 1
+    rank × batch 16: the loss, the gradients, the parameters after the Adam step, the running
+    statistics and the validation bits/dim (41 images in uneven shards, gathered).
+
+    float32: loss, gradients and running statistics within 1e-5 (measured ≤ 7e-7). Not the
+    parameters: Adam's first step, lr·g/(|g| + 1e-8), turns rounding-level differences of
+    near-zero gradients (~2e-7 on gradients of ~2e-6) into parameter changes of up to ~1.5e-5.
+    float64 shows it is the same function: everything, parameters included, within 1e-5
+    (measured ≤ 3e-11), also with the memory-saving modes. Without synchronisation the ranks
+    still end with equal (averaged) running statistics, but compute another function.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn(_one_step_worker, 2, tmp_path / "two", 8, out)
+    monkeypatch.setattr(realnvp.train, "dequantize", fixed_noise)
+    monkeypatch.setattr(realnvp.model, "dequantize", fixed_noise)
+    single = {v: one_step(tmp_path / "one", 16, v) for v in ("float32", "float64")}
+    for variant, (dtype, _, sync) in VARIANTS.items():
+        trainer, grads = single["float64" if dtype == torch.float64 else "float32"]
+        two, rank1 = (torch.load(out / f"{variant}-{r}.pt") for r in range(2))
+        assert all(torch.equal(two["state"][k], v) for k, v in rank1["state"].items())
+        loss2 = metrics(tmp_path / "two" / variant)
+        loss1 = metrics(trainer.run_dir)
+        stats = {k: v for k, v in trainer.model.state_dict().items() if "running" in k}
+        differences = [abs(loss2["train_bpd"] - loss1["train_bpd"]),
+                       abs(loss2["valid_bpd"] - loss1["valid_bpd"]),
+                       largest_difference(two["grads"], grads),
+                       largest_difference(two["state"], stats),
+                       largest_difference(two["state"], trainer.model.state_dict())]
+        print(variant, "loss, valid, gradients, running statistics, parameters:",
+              " ".join(f"{d:.1e}" for d in differences))
+        if not sync:
+            assert differences[0] > 1e-4 and differences[3] > 1e-4
+            continue
+        loss, valid, gradients, statistics, parameters = differences
+        assert loss < 1e-5 and gradients < 1e-5 and statistics < 1e-5 and valid < 1e-4
+        if dtype == torch.float64:
+            assert parameters < 1e-5 and valid < 1e-5
+    checkpoint = load_checkpoint(tmp_path / "two" / "float32" / "checkpoints" / "ckpt-0000001.pt")
+    assert checkpoint["run_state"]["epoch_offset"] == 16 and checkpoint["world_size"] == 2
+    assert json.loads((out / "writes-1.json").read_text()) == []  # rank 1 wrote nothing
+    assert json.loads((out / "writes-0.json").read_text())  # (the watch does see rank 0's)
+
+
+def train_command(run_dir: Path, steps: int) -> list[str]:
+    return ["-m", "realnvp", "train", "--preset", "mnist", "--dataset", "mnist-t10k",
+            "--data-dir", str(DEMO_DATA), "--run-dir", str(run_dir), "--steps", str(steps),
+            "--batch-size", "8", "--checkpoint-every", "3", "--eval-every", "1000",
+            "--eval-images", "16", "--sample-every", "1000", "--sample-count", "4",
+            "--no-progress", *TINY]
+
+
+def resume_config(run_dir: Path, steps: int) -> TrainConfig:
+    return TrainConfig(run_dir=str(run_dir), steps=steps, batch_size=8, checkpoint_every=3,
+                       eval_every=1000, eval_images=16, sample_every=1000, sample_count=4,
+                       progress=False)
+
+
+def assert_resumed(trainer: Trainer, checkpoint: dict) -> None:
+    """The trainer starts where the checkpoint ends: step, data position, parameters, optimiser."""
+    saved = RunState.from_checkpoint(checkpoint, len(trainer.train_set))
+    assert (trainer.state.step, trainer.state.epoch, trainer.state.epoch_offset) == \
+        (saved.step, saved.epoch, saved.epoch_offset)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, checkpoint["state_dict"][name]), name
+    for key, value in trainer.optimizer.state_dict()["state"].items():
+        assert torch.equal(value["exp_avg"], checkpoint["optimizer"]["state"][key]["exp_avg"])
+
+
+def _resume_worker(rank: int, world: int, run_dir: Path, steps: int, out: Path) -> None:
+    checkpoint = load_checkpoint(latest_checkpoint(run_dir))
+    writes = watch_writes(run_dir)
+    trainer = Trainer(MODEL, resume_config(run_dir, steps))
+    assert_resumed(trainer, checkpoint)
+    trainer.run()
+    (out / f"writes-{rank}.json").write_text(json.dumps(writes))
+
+
+def test_resume_across_world_sizes(tmp_path, one_thread_env):
+    """2 processes (torchrun, killed) → 1 process → 2 processes: each resumes at the step, the
+    data position (in images) and the parameters of the last checkpoint, then trains on; only
+    rank 0 writes."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    # 1. torchrun, 2 processes × batch 8, terminated (no clean-up) once a checkpoint exists
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as stdout:
+        job = subprocess.Popen([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr",
+                                "127.0.0.1", "--master-port", str(free_port()),
+                                *train_command(run, 1000)], stdout=stdout,
+                               stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while latest_checkpoint(run) is None and job.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+        job.wait(timeout=60)
+    text = log.read_text()
+    assert latest_checkpoint(run) is not None, text
+    assert "2 processes (cpu) × batch 8 = global batch 16; synchronised batch norm" in text, text
+    assert text.count("model: ") == 1  # only rank 0 prints
+    first = load_checkpoint(latest_checkpoint(run))
+    k = first["run_state"]["step"]
+    assert k >= 3 and k % 3 == 0 and first["world_size"] == 2
+    assert first["run_state"]["epoch_offset"] == 16 * k  # the global batch is 2 × 8
+
+    # 2. one process resumes it (2 → 1) and trains 3 steps of 8 images
+    trainer = Trainer(MODEL, resume_config(run, k + 3))
+    assert_resumed(trainer, first)
+    trainer.run()
+    second = load_checkpoint(latest_checkpoint(run))
+    assert second["run_state"]["step"] == k + 3 and second["world_size"] == 1
+    assert second["run_state"]["epoch_offset"] == 16 * k + 3 * 8
+
+    # 3. two processes resume that (1 → 2) and train 3 steps of 2 × 8 images
+    spawn(_resume_worker, 2, run, k + 6, out)
+    third = load_checkpoint(latest_checkpoint(run))
+    assert third["run_state"]["step"] == k + 6 and third["world_size"] == 2
+    assert third["run_state"]["epoch_offset"] == 16 * k + 3 * 8 + 3 * 16
+    for name, value in third["state_dict"].items():
+        if "weight_v" in name:  # training went on
+            assert not torch.equal(value, second["state_dict"][name]), name
+    assert json.loads((out / "writes-1.json").read_text()) == []  # rank 1 wrote nothing
+    assert json.loads((out / "writes-0.json").read_text())

@@ -174,3 +174,15 @@ def test_resume_refuses_another_architecture(tmp_path):
     make_trainer(tmp_path, steps=2).run()
     with pytest.raises(SystemExit, match="another architecture"):
         cli_main(["train", "--run-dir", str(tmp_path), "--steps", "4", "--features", "16"])
+
+
+@pytest.mark.parametrize("precision,memory_mode", [("bf16", "invertible"), ("fp32", "checkpoint")])
+def test_training_options_reach_the_model(tmp_path, precision, memory_mode):
+    trainer = make_trainer(tmp_path, steps=2, precision=precision, memory_mode=memory_mode)
+    assert trainer.model.precision == precision and trainer.model.memory_mode == memory_mode
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    state = trainer.run()
+    assert state.step == 2 and state.nonfinite_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    with pytest.raises(ValueError, match="precision"):
+        make_trainer(tmp_path / "bad", precision="fp16")

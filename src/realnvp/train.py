@@ -96,6 +96,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"            # with torchrun: cuda → each process takes cuda:LOCAL_RANK
     sync_batchnorm: bool = True     # several processes: batch statistics over all of them
+    precision: str = "fp32"         # "bf16": the s/t networks under autocast (model.set_precision)
+    memory_mode: str = "none"       # "invertible" or "checkpoint": memory-saving backpropagation
     tensorboard: bool = False
     progress: bool = True
 
@@ -334,8 +336,9 @@ class Trainer:
                              "input_shape")
         torch.manual_seed(train.seed)  # the model's initial weights
         self.model = RealNVP(model_config).to(self.device)
+        self.model.set_precision(train.precision).set_memory_mode(train.memory_mode)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr,
-                                          betas=(train.beta1, train.beta2))
+                                          betas=(train.beta1, train.beta2), fused=True)
         self.generators = {  # one stream for the dequantisation noise, one for augmentation
             "noise": torch.Generator(device=self.device).manual_seed(train.seed + 1),
             "augment": torch.Generator().manual_seed(train.seed + 2),

@@ -107,11 +107,15 @@ class RealNVPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RealNVPConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RealNVPConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """``cls(**d)`` for a config dataclass, naming any key that is not one of its fields."""
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**d)
 
 
 # The paper's architectures (SPEC section 3). MNIST: 28 → 14 → 7, and 7 cannot be squeezed, so
@@ -132,11 +136,7 @@ def preset_config(name: str, **overrides: Any) -> RealNVPConfig:
     """The config of a preset, with config fields overridden by keyword."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(RealNVPConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown RealNVPConfig fields: {', '.join(unknown)}")
-    return RealNVPConfig(**{**PRESETS[name], **overrides})
+    return dataclass_from_dict(RealNVPConfig, {**PRESETS[name], **overrides})
 
 
 class RealNVP(nn.Module):

@@ -54,7 +54,7 @@ from .data import ImageDataset, load_dataset
 from .distributed import DistributedContext, pick_device  # noqa: F401 (cli imports it here)
 from .evaluate import evaluate
 from .figures import save_image_grid
-from .model import RealNVP, RealNVPConfig
+from .model import RealNVP, RealNVPConfig, dataclass_from_dict
 from .preprocessing import bits_per_dim, dequantize
 
 if sys.version_info >= (3, 11):
@@ -106,11 +106,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 @dataclass

@@ -360,7 +360,9 @@ class Trainer:
         self.sync_batchnorm = self.dist.enabled and train.sync_batchnorm
         distributed.sync_batch_norm(self.model, self.sync_batchnorm)
         self.objective: nn.Module = Objective(self.model, train.l2)
-        self.l2_params = self.objective.l2_params
+        # running statistics restored after a skipped step (found once: load_state_dict and
+        # the optimiser update tensors in place)
+        self.bn_buffers = _batchnorm_buffers(self.model)
         if self.dist.enabled:
             self.objective = _data_parallel(self.objective, self.device)
         self.writer = None
@@ -412,7 +414,7 @@ class Trainer:
         the bits/dim is the mean over the global batch and every process takes the same
         decision."""
         model, opt, train = self.model, self.optimizer, self.train_config
-        saved_stats = [b.clone() for b in _batchnorm_buffers(model)]
+        saved_stats = [b.clone() for b in self.bn_buffers]
         cond = labels if model.config.num_classes else None
         if model.config.is_image:
             x = dequantize(images, generator=self.generators["noise"])
@@ -428,7 +430,7 @@ class Trainer:
             loss, bpd = both / self.dist.world_size
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             with torch.no_grad():  # undo the batch-norm update of the bad forward pass
-                for buffer, saved in zip(_batchnorm_buffers(model), saved_stats):
+                for buffer, saved in zip(self.bn_buffers, saved_stats):
                     buffer.copy_(saved)
             opt.zero_grad(set_to_none=True)
             return bpd.detach(), False

@@ -9,10 +9,14 @@ never mixes with another's. A mode is a ``+``-joined list of options:
 
     fp32 | bf16 | tf32   precision of the s/t networks (tf32: CUDA only, TF32 convolutions)
     invertible | checkpoint   memory-saving backpropagation (RealNVP.set_memory_mode)
-    cl                   channels_last memory format of the model's convolutions
+    nchw                 the s/t networks in the NCHW memory format (the default is
+                         channels_last: RealNVP.set_memory_format)
     compile              torch.compile of the loss (training and evaluation; sampling eager)
-    jemalloc             the worker runs with LD_PRELOAD=libjemalloc.so.2 (CPU memory
-                         allocator: same speed, less peak memory than glibc's malloc)
+    jemalloc             the worker runs with LD_PRELOAD=libjemalloc.so.2 and, unless
+                         MALLOC_CONF is set, MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
+                         (CPU memory allocator: less fragmentation than glibc's malloc, so
+                         less peak memory; freed pages kept, not returned to the kernel,
+                         because every returned page costs a page fault when reused)
 
 What each number means is in docs/benchmarks.md. The training step is the library's own
 objective (``bits_per_dim(model.log_prob(dequantize(x)))`` plus the paper's L2 penalty),
@@ -34,10 +38,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODES = ("fp32,fp32+cl,bf16,bf16+cl,invertible,checkpoint,fp32+cl+jemalloc,"
-                 "cl+invertible+jemalloc,bf16+cl+invertible+jemalloc,compile")
+DEFAULT_MODES = ("fp32+nchw,fp32,bf16+nchw,bf16,invertible,checkpoint,fp32+jemalloc,"
+                 "invertible+jemalloc,bf16+invertible+jemalloc,compile")
+# jemalloc's default decay hands freed pages back to the kernel within seconds; a training step
+# frees and reallocates gigabytes, so each reuse page-faults and is zeroed again (measured: the
+# invertible mode at 1.9 instead of 3.9 img/s). Without decay its footprint stays at its peak.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
-OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "cl", "compile", "jemalloc"}
+OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc"}
 JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 
@@ -173,7 +181,9 @@ def conv_ceiling(device_name: str, quick: bool) -> dict[str, Any]:
                 for direction in ("fwd", "fwd_bwd"):
                     train = direction == "fwd_bwd"
                     xi, wi = x.detach().requires_grad_(train), w.detach().requires_grad_(train)
+                    # the output gradient in the layout of the output, as autograd passes it
                     grad = torch.ones(64, channels, size, size, device=device, dtype=dtype)
+                    grad = grad.contiguous(memory_format=fmt)
 
                     def run(xi=xi, wi=wi, train=train, grad=grad):
                         y = F.conv2d(xi, wi, padding=1)
@@ -205,8 +215,7 @@ def build(preset: str, mode: set[str], device, quick: bool):
     model.set_precision("bf16" if "bf16" in mode else "fp32")
     model.set_memory_mode("invertible" if "invertible" in mode else
                           "checkpoint" if "checkpoint" in mode else "none")
-    if "cl" in mode:
-        model = model.to(memory_format=torch.channels_last)
+    model.set_memory_format("contiguous" if "nchw" in mode else "channels_last")
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = "tf32" in mode
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in mode
@@ -285,7 +294,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return {"peak_rss_mib": round(peak_memory_mib(device), 1)}
 
     row: dict[str, Any] = {"mode": args.worker, "batch_size": args.batch_size,
-                           "threads": torch.get_num_threads(), "allocator": allocator()}
+                           "threads": torch.get_num_threads(), "allocator": allocator(),
+                           "malloc_conf": os.environ.get("MALLOC_CONF")}
     meter = LoadMeter()
     start = time.perf_counter()
     first = timed(lambda: step(images), device, 0, 1)[0]  # includes compilation, if any
@@ -329,6 +339,7 @@ def run_worker(args: argparse.Namespace, name: str, batch_size: int,
     env = dict(os.environ)
     if "jemalloc" in name.split("+"):
         env["LD_PRELOAD"] = " ".join(filter(None, [find_jemalloc(), env.get("LD_PRELOAD")]))
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"WARNING: worker {name} (batch {batch_size}) failed:\n{result.stderr[-3000:]}",

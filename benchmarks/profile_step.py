@@ -1,6 +1,6 @@
 """Where the time of one training step goes: convolutions against everything else.
 
-    python benchmarks/profile_step.py --preset cifar10 --batch-size 64 --mode fp32+cl
+    python benchmarks/profile_step.py --preset cifar10 --batch-size 64 --mode fp32
 
 Runs the benchmark's training step (benchmarks/bench.py) under torch.profiler and sums the
 operators' own time per category. The convolutions are the useful work; the rest (batch norm,
@@ -44,9 +44,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--mode", default="fp32", help="a bench.py mode, e.g. fp32+cl, bf16+cl")
+    parser.add_argument("--mode", default="fp32", help="a bench.py mode, e.g. fp32, bf16+nchw")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--shapes", action="store_true",
+                        help="also a table of the convolutions' GFLOP/s per weight shape")
     args = parser.parse_args()
 
     import torch
@@ -65,7 +67,7 @@ def main() -> int:
     gflop = bench.flop_per_image(model, device) / 1e9
     meter = bench.LoadMeter()
     wall = bench.timed(lambda: step(images), device, 2, args.steps)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         for _ in range(args.steps):
             step(images)
     others = meter.others()
@@ -91,7 +93,29 @@ def main() -> int:
         rate = 3 * gflop * args.batch_size / (conv_ms / 1e3)
         print(f"\nconvolutions alone: {rate:.0f} GFLOP/s (3 × forward FLOPs over their time); "
               f"the step as a whole: {3 * gflop * args.batch_size / step_s:.0f} GFLOP/s")
+    if args.shapes:
+        print_conv_shapes(prof, args.steps)
     return 0
+
+
+def print_conv_shapes(prof, steps: int) -> None:
+    """Time and GFLOP/s of the convolutions per (input, weight) shape, forward and backward."""
+    rows: dict[tuple, list[float]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key == "aten::convolution_backward":
+            x, w, direction, work = event.input_shapes[1], event.input_shapes[2], "backward", 2
+        elif event.key in ("aten::mkldnn_convolution", "aten::_convolution_depthwise"):
+            x, w, direction, work = event.input_shapes[0], event.input_shapes[1], "forward", 1
+        else:
+            continue
+        n, _, h, width = x  # stride 1 and "same" padding: the output is h × width
+        flop = work * 2 * n * h * width * w[0] * w[1] * w[2] * w[3] * event.count / steps
+        ms = event.self_cpu_time_total / 1e3 / steps
+        row = rows.setdefault((tuple(x), tuple(w), direction), [0.0, 0.0])
+        row[0], row[1] = row[0] + ms, row[1] + flop
+    print("\n| input | weight | direction | ms / step | GFLOP/s |\n|---|---|---|---|---|")
+    for (x, w, direction), (ms, flop) in sorted(rows.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {list(x)} | {list(w)} | {direction} | {ms:.1f} | {flop / ms / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

@@ -162,8 +162,10 @@ def metrics(run_dir: Path) -> dict:
 
 
 def largest_difference(a: dict, b: dict) -> float:
-    return max((a[k].double() - v.double()).abs().max().item() for k, v in b.items()
-               if v.is_floating_point())
+    """Largest difference, relative for entries larger than 1 (running variances reach ~1e2,
+    where float32 rounding alone is ~1e-5)."""
+    return max(((a[k].double() - v.double()).abs() / v.double().abs().clamp(min=1)).max().item()
+               for k, v in b.items() if v.is_floating_point())
 
 
 def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env, monkeypatch):
@@ -171,7 +173,8 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env,
     rank × batch 16: the loss, the gradients, the parameters after the Adam step, the running
     statistics and the validation bits/dim (41 images in uneven shards, gathered).
 
-    float32: loss, gradients and running statistics within 1e-5 (measured ≤ 7e-7). Not the
+    float32: loss and gradients within 1e-5 (measured ≤ 1e-6), running statistics within 3e-5
+    relative (measured 6e-6: PyTorch's channels-last batch norm sums in float32). Not the
     parameters: Adam's first step, lr·g/(|g| + 1e-8), turns rounding-level differences of
     near-zero gradients (~2e-7 on gradients of ~2e-6) into parameter changes of up to ~1.5e-5.
     float64 shows it is the same function: everything, parameters included, within 1e-5
@@ -202,7 +205,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env,
             assert differences[0] > 1e-4 and differences[3] > 1e-4
             continue
         loss, valid, gradients, statistics, parameters = differences
-        assert loss < 1e-5 and gradients < 1e-5 and statistics < 1e-5 and valid < 1e-4
+        assert loss < 1e-5 and gradients < 1e-5 and statistics < 3e-5 and valid < 1e-4
         if dtype == torch.float64:
             assert parameters < 1e-5 and valid < 1e-5
     checkpoint = load_checkpoint(tmp_path / "two" / "float32" / "checkpoints" / "ckpt-0000001.pt")

@@ -1,5 +1,6 @@
-"""bf16 autocast of the s/t networks: the same bits/dim as fp32 on real images, with the
-log-determinants, the prior and the preprocessing kept in fp32."""
+"""Run-time options of the s/t networks. bf16 autocast: the same bits/dim as fp32 on real
+images, with the log-determinants, the prior and the preprocessing kept in fp32. Memory format:
+channels-last convolutions compute the same function and gradients as NCHW ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from conftest import calibrate, perturb, small_image_model
 
 from realnvp import AffineCoupling, RealNVP
+from realnvp.networks import ResNet, WeightNormConv2d
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +75,43 @@ def test_bf16_training_step():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with pytest.raises(ValueError, match="precision"):
         model.set_precision("fp8")
+
+
+def test_channels_last_is_the_same_function_with_the_same_gradients():
+    # float64, perturbed weights, train mode (batch statistics) and one residual block more
+    # than the smallest model, so that every in-place operation of the blocks is exercised.
+    model = perturb(small_image_model((3, 8, 8), 2, res_blocks=2), seed=7, scale=0.1).double()
+    x = (torch.randint(0, 256, (8, 3, 8, 8)).double() + torch.rand(8, 3, 8, 8).double()) / 256
+    layouts: set[tuple[bool, bool]] = set()
+    hooks = [m.register_forward_pre_hook(lambda mod, args: layouts.add(
+        (args[0].is_contiguous(memory_format=torch.channels_last), args[0].is_contiguous())))
+        for m in model.modules() if isinstance(m, WeightNormConv2d) and m.weight_v.shape[1] > 1]
+    results = {}
+    for memory_format in ("contiguous", "channels_last"):
+        layouts.clear()
+        model.set_memory_format(memory_format).train().zero_grad()
+        log_prob = model.log_prob(x)
+        log_prob.sum().backward()
+        results[memory_format] = log_prob.detach(), [p.grad.clone() for p in model.parameters()]
+        # the convolutions really ran in the layout asked for (a channels-last tensor with
+        # C > 1 and H·W > 1 is not NCHW-contiguous)
+        assert layouts == ({(True, False)} if memory_format == "channels_last" else
+                           {(False, True)}), layouts
+    for h in hooks:
+        h.remove()
+    (lp_nchw, g_nchw), (lp_cl, g_cl) = results["contiguous"], results["channels_last"]
+    assert torch.allclose(lp_cl, lp_nchw, rtol=1e-12, atol=1e-10)
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g_cl, g_nchw))
+    assert model.memory_format == "channels_last"
+    with pytest.raises(ValueError, match="memory format"):
+        model.set_memory_format("nhwc")
+
+
+def test_resnet_gradient_matches_finite_differences():
+    # The residual blocks add and apply ReLU in place; autograd must still see the right graph.
+    net = ResNet(2, 4, 3, 2, extra_channels=1).double()
+    perturb(net, seed=8, scale=0.3)
+    net.channels_last = True
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    extra = torch.rand(1, 1, 5, 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: net(x, None, extra), (x,))

@@ -19,6 +19,7 @@ from realnvp import CheckpointError, RealNVP, RealNVPConfig
 from realnvp.cli import main as cli_main
 from realnvp.data import load_dataset
 from realnvp.evaluate import evaluate
+from realnvp.model import inference_precision
 from realnvp.train import (
     DEMO_DATA,
     TrainConfig,
@@ -155,6 +156,15 @@ def test_eval_and_sample_commands(tmp_path, capsys):
     assert record["images"] == 64 and record["dequantization_samples"] == 2
     assert 0 < record["bits_per_dim"] < 16 and record["stderr"] > 0
     assert f"{record['bits_per_dim']:.4f}" in printed
+    # evaluation defaults to bf16 s/t networks where the CPU has bf16 (this project's does)
+    assert record["precision"] == inference_precision("cpu")
+    cli_main(["eval", "--checkpoint", str(run), "--dataset", "mnist-t10k", "--data-dir",
+              str(DEMO_DATA), "--split", "test", "--max-images", "64", "--samples", "2",
+              "--precision", "fp32", "--json", str(out)])
+    fp32 = json.loads(out.read_text())
+    assert fp32["precision"] == "fp32"
+    assert abs(fp32["bits_per_dim"] - record["bits_per_dim"]) <= 0.01
+    assert (fp32["bits_per_dim"] != record["bits_per_dim"]) == (record["precision"] == "bf16")
     png = tmp_path / "samples.png"
     cli_main(["sample", "--checkpoint", str(run / "checkpoints" / "ckpt-0000002.pt"), "-n", "6",
               "--temperature", "0.7", "--nrow", "3", "--out", str(png)])

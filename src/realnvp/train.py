@@ -98,6 +98,7 @@ class TrainConfig:
     sync_batchnorm: bool = True     # several processes: batch statistics over all of them
     precision: str = "fp32"         # "bf16": the s/t networks under autocast (model.set_precision)
     memory_mode: str = "none"       # "invertible" or "checkpoint": memory-saving backpropagation
+    memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
     tensorboard: bool = False
     progress: bool = True
 
@@ -333,6 +334,7 @@ class Trainer:
         torch.manual_seed(train.seed)  # the model's initial weights
         self.model = RealNVP(model_config).to(self.device)
         self.model.set_precision(train.precision).set_memory_mode(train.memory_mode)
+        self.model.set_memory_format(train.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr,
                                           betas=(train.beta1, train.beta2), fused=True)
         self.generators = {  # one stream for the dequantisation noise, one for augmentation

@@ -6,6 +6,10 @@ Runs the benchmark's training step (benchmarks/bench.py) under torch.profiler an
 operators' own time per category. The convolutions are the useful work; the rest (batch norm,
 ReLU, element-wise arithmetic, weight normalisation, the optimizer) is what a faster
 implementation can remove. Like bench.py, run it on a quiet machine; it prints the load.
+
+``--bound`` also times every convolution shape of the model on its own and adds them up: the
+speed of a step in which nothing but the convolutions took time, the most any eager
+implementation of this architecture can reach on the machine.
 """
 
 from __future__ import annotations
@@ -48,7 +52,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--shapes", action="store_true",
-                        help="also a table of the convolutions' GFLOP/s per weight shape")
+                        help="also a table of the convolutions' GFLOP/s per weight shape "
+                        "(recording shapes slows the profiled step: compare shapes, not totals)")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time every convolution of the model alone, outside the "
+                        "model: the training speed the step would have if nothing but its "
+                        "convolutions took time")
     args = parser.parse_args()
 
     import torch
@@ -95,7 +104,53 @@ def main() -> int:
               f"the step as a whole: {3 * gflop * args.batch_size / step_s:.0f} GFLOP/s")
     if args.shapes:
         print_conv_shapes(prof, args.steps)
+    if args.bound:
+        print_convolution_bound(model, images, args.batch_size, gflop)
     return 0
+
+
+def print_convolution_bound(model, images, batch_size: int, gflop: float) -> None:
+    """Time each of the model's convolution shapes alone (forward, then the gradients of input,
+    weight and bias), in the layout the model runs it in, and add them up over the model."""
+    import collections
+
+    import torch
+    import torch.nn.functional as F
+
+    from realnvp import dequantize
+    from realnvp.networks import WeightNormConv2d
+
+    counts: collections.Counter = collections.Counter()
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args: counts.update([(tuple(args[0].shape), tuple(mod.weight_v.shape),
+                                          args[0].is_contiguous())]))
+        for m in model.modules() if isinstance(m, WeightNormConv2d)]
+    with torch.no_grad():
+        model.log_prob(dequantize(images), check=False)
+    for h in hooks:
+        h.remove()
+    print("\n| input | weight | layout | per step | ms each | GFLOP/s |\n|---|---|---|---|---|---|")
+    total_s = total_flop = 0.0
+    for (x_shape, w_shape, nchw), count in sorted(counts.items()):
+        fmt = torch.contiguous_format if nchw else torch.channels_last
+        x = torch.randn(x_shape).contiguous(memory_format=fmt).requires_grad_()
+        w = torch.randn(w_shape).requires_grad_()
+        b = torch.zeros(w_shape[0], requires_grad=True)
+        grad = torch.randn(x_shape[0], w_shape[0], *x_shape[2:]).contiguous(memory_format=fmt)
+
+        def run(x=x, w=w, b=b, grad=grad, padding=w_shape[2] // 2):
+            torch.autograd.grad(F.conv2d(x, w, b, padding=padding), (x, w, b), grad)
+
+        seconds = min(bench.timed(run, torch.device("cpu"), 2, 5))
+        flop = 3 * 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] \
+            * w_shape[2] * w_shape[3]
+        total_s, total_flop = total_s + count * seconds, total_flop + count * flop
+        print(f"| {list(x_shape)} | {list(w_shape)} | {'NCHW' if nchw else 'NHWC'} | {count} "
+              f"| {1e3 * seconds:.1f} | {flop / seconds / 1e9:.0f} |")
+    print(f"\nconvolutions alone, each timed on its own: {total_s:.2f} s per step, "
+          f"{total_flop / total_s / 1e9:.0f} GFLOP/s, {batch_size / total_s:.2f} img/s (the "
+          f"bound of a step whose other work took no time; {3 * gflop * batch_size:.0f} GFLOP "
+          f"per step by the flop counter, {total_flop / 1e9:.0f} in these convolutions)")
 
 
 def print_conv_shapes(prof, steps: int) -> None:

@@ -43,6 +43,9 @@ MODEL_FORMAT = "realnvp-model"
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 MEMORY_FORMATS = ("channels_last", "contiguous")
 
+# Training checkpoints (realnvp.train) hold the same "config" and "state_dict" entries.
+MODEL_FILE_FORMATS = (MODEL_FORMAT, "realnvp-checkpoint")
+
 
 def has_fast_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bfloat16 natively (a CUDA GPU with bf16, or a CPU with
@@ -50,8 +53,9 @@ def has_fast_bf16(device: torch.device | str) -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if device.type == "cpu":  # private helpers of torch.cpu: absent means "not known"
+        return any(getattr(torch.cpu, name, lambda: False)()
+                   for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return False
 
 
@@ -60,8 +64,6 @@ def inference_precision(device: torch.device | str) -> str:
     (it changes bits/dim by about 1e-4, tests/test_precision.py; about 1.9× faster on an
     AVX-512 BF16 CPU, docs/benchmarks.md), else ``"fp32"``."""
     return "bf16" if has_fast_bf16(device) else "fp32"
-# Training checkpoints (realnvp.train) hold the same "config" and "state_dict" entries.
-MODEL_FILE_FORMATS = (MODEL_FORMAT, "realnvp-checkpoint")
 
 
 @dataclass

@@ -250,12 +250,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .experiments import sample_temperatures
+    from .experiments import _generator, sample_temperatures
 
     model = load_model(args.checkpoint, args.device, args.precision)
     if not model.config.is_image:
         raise ValueError("sample writes images; for a 2-D vector model use realnvp toy")
-    device = next(model.parameters()).device
+    device = model._device()
     cond = None
     k, kind = model.config.num_classes, model.config.label_kind
     if args.label is not None:
@@ -267,7 +267,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise ValueError("an attribute-conditional model needs attribute vectors: use "
                              "realnvp swap-labels or the Python API (model.sample(cond=...))")
         cond = torch.arange(args.n, device=device) % k
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g = _generator(model, args.seed)
     temperatures = args.temperature
     images = upscale(sample_temperatures(model, args.n, temperatures, cond, g).cpu(), args.zoom)
     if len(temperatures) == 1:

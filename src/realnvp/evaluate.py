@@ -74,7 +74,7 @@ def evaluate(
             images = dataset.eval_transform(images).to(device)
             cond = labels.to(device) if model.config.num_classes else None
             if not model.config.is_image:  # vectors: negative log-likelihood in nats
-                values.append(-model.log_prob(images.to(next(model.parameters()).dtype), cond)
+                values.append(-model.log_prob(images.to(model._dtype()), cond)
                               .double().cpu())
                 continue
             bpd = sum(model.bits_per_dim(images, cond, generator=generator)

@@ -65,21 +65,16 @@ DECODE_BATCH = 64  # images decoded at a time
 @contextlib.contextmanager
 def _evaluating(model: RealNVP) -> Iterator[None]:
     """Eval mode and no gradients inside; the model's mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with model._eval_mode(), torch.no_grad():
+        yield
 
 
 def _device(model: RealNVP) -> torch.device:
-    return next(model.parameters()).device
+    return model._device()
 
 
 def _dtype(model: RealNVP) -> torch.dtype:
-    return next(model.parameters()).dtype
+    return model._dtype()
 
 
 def _randn(shape: Sequence[int], model: RealNVP, generator: torch.Generator | None) -> Tensor:
@@ -233,14 +228,9 @@ def resample_levels(model: RealNVP, images: Tensor, ks: Sequence[int] | int | No
     One draw of the noise serves every k (column k+1 differs from column k only at scale k+1).
     k = 0 reconstructs the images; k = L is a pure sample: with the same generator state it is
     the same for any input batch of the same size (and labels)."""
-    images = _images(model, images)
-    cond = _labels(model, cond, images.shape[0])
-    with _evaluating(model):
-        latents = model.encode(images, cond)
-        ks = _levels(ks, len(latents))
-        noise = [temperature * _randn(z.shape, model, generator) for z in latents]
-        out = [_decode(model, noise[:k] + latents[k:], cond) for k in ks]
-    return torch.stack(out, dim=1).clamp(0, 1)
+    return _replace_finest(
+        model, images, ks, cond,
+        lambda latents: [temperature * _randn(z.shape, model, generator) for z in latents])
 
 
 def compress(model: RealNVP, images: Tensor, ks: Sequence[int] | int | None = None, *,
@@ -248,13 +238,21 @@ def compress(model: RealNVP, images: Tensor, ks: Sequence[int] | int | None = No
     """The official code's "compression": encode, set the latents of the finest k scales to
     zero (their mode) and decode, for each k in ``ks`` (default 0..L) → (N, len(ks), C, H, W).
     k = 0 reconstructs the images; k = L is the temperature-0 sample."""
+    return _replace_finest(model, images, ks, cond,
+                           lambda latents: [torch.zeros_like(z) for z in latents])
+
+
+def _replace_finest(model: RealNVP, images: Tensor, ks: Sequence[int] | int | None,
+                    cond: Tensor | None, replacements) -> Tensor:
+    """Encode, then for each k decode ``replacements(latents)[:k] + latents[k:]`` →
+    (N, len(ks), C, H, W) in [0, 1]."""
     images = _images(model, images)
     cond = _labels(model, cond, images.shape[0])
     with _evaluating(model):
         latents = model.encode(images, cond)
         ks = _levels(ks, len(latents))
-        out = [_decode(model, [torch.zeros_like(z) for z in latents[:k]] + latents[k:], cond)
-               for k in ks]
+        fill = replacements(latents)
+        out = [_decode(model, fill[:k] + latents[k:], cond) for k in ks]
     return torch.stack(out, dim=1).clamp(0, 1)
 
 
@@ -269,8 +267,8 @@ def relabel(model: RealNVP, images: Tensor, labels: Tensor, new_labels: Tensor) 
     if labels is None or new_labels is None:
         raise ValueError("relabel needs the images' labels and the new labels")
     images = _images(model, images)
-    labels = _labels(model, labels, images.shape[0]).to(_device(model))
-    new_labels = _labels(model, new_labels, images.shape[0]).to(_device(model))
+    labels = _labels(model, labels, images.shape[0])
+    new_labels = _labels(model, new_labels, images.shape[0])
     with _evaluating(model):
         return model.decode(model.encode(images, labels), new_labels).clamp(0, 1)
 
@@ -292,10 +290,17 @@ def each_class(model: RealNVP, images: Tensor, labels: Tensor) -> Tensor:
     (N, K, C, H, W). Class-conditional models only."""
     if model.config.num_classes is None or model.config.label_kind != "class":
         raise ValueError("each_class needs a class-conditional model")
+    if labels is None:
+        raise ValueError("each_class needs the images' labels")
     images = _images(model, images)
     n = images.shape[0]
-    return torch.stack([relabel(model, images, labels, torch.full((n,), c, dtype=torch.long))
-                        for c in range(model.config.num_classes)], dim=1)
+    labels = _labels(model, labels, n)
+    with _evaluating(model):
+        latents = model.encode(images, labels)  # once: only the decoding depends on the class
+        out = [_decode(model, latents, torch.full((n,), c, dtype=torch.long,
+                                                  device=_device(model)))
+               for c in range(model.config.num_classes)]
+    return torch.stack(out, dim=1).clamp(0, 1)
 
 
 # -- exactness ----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ Everything here takes image tensors (N, C, H, W) or (C, H, W) with values in [0,
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -93,6 +94,7 @@ def upscale(images: Tensor, zoom: int) -> Tensor:
     return images.repeat_interleave(int(zoom), dim=-2).repeat_interleave(int(zoom), dim=-1)
 
 
+@functools.cache  # text_image tries several sizes for every label
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1, FreeType)
@@ -245,10 +247,11 @@ def scatter_panel(points: Tensor, extent: tuple[float, float, float, float], siz
     row = ((y1 - p[:, 1]) / (y1 - y0) * size).astype(np.int64)
     rgb = (np.zeros((len(p), 3), np.float32) + 0.2 if colors is None
            else colors.detach().float().cpu().numpy())
+    finite = np.isfinite(p).all(1)
     for dr in range(-radius, radius + 1):
         for dc in range(-radius, radius + 1):
             r, c = row + dr, col + dc
-            inside = (r >= 0) & (r < size) & (c >= 0) & (c < size) & np.isfinite(p).all(1)
+            inside = (r >= 0) & (r < size) & (c >= 0) & (c < size) & finite
             canvas[r[inside], c[inside]] = rgb[inside]
     return torch.from_numpy(canvas).permute(2, 0, 1).contiguous()
 
@@ -260,8 +263,7 @@ def heatmap_panel(values: Tensor, size: int = 256) -> Tensor:
     v = np.nan_to_num(v / max(float(np.nanmax(v)), 1e-300))
     rgb = (colormap(v) * 255).round().astype(np.uint8)
     image = Image.fromarray(rgb, mode="RGB").resize((size, size), Image.NEAREST)
-    canvas = np.asarray(image, dtype=np.float32) / 255.0
-    canvas = canvas.copy()
+    canvas = np.asarray(image, dtype=np.float32) / 255.0  # a new, writable array
     canvas[[0, -1]] = 0.5
     canvas[:, [0, -1]] = 0.5
     return torch.from_numpy(canvas).permute(2, 0, 1).contiguous()

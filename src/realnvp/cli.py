@@ -22,6 +22,7 @@ import torch
 
 from . import distributed
 from .data import DATASETS, TOY_DATASETS, load_dataset
+from .distributed import pick_device
 from .evaluate import evaluate
 from .figures import make_grid, save_image_grid, save_png, side_by_side, upscale
 from .model import PRECISIONS, PRESETS, RealNVP, RealNVPConfig, inference_precision, preset_config
@@ -30,7 +31,6 @@ from .train import (
     TrainConfig,
     Trainer,
     latest_checkpoint,
-    pick_device,
     read_config,
     resolve_checkpoint,
 )

@@ -118,11 +118,9 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return _AllReduceSum.apply(tensor)
 
 
-def batch_moments(x: Tensor, dims: Sequence[int], sync: bool = False
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, biased variance, count) of ``x`` over ``dims``, per remaining (channel) index.
-
-    With ``sync``, over the union of every rank's ``x``: each rank contributes its count, mean
+def batch_moments(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, biased variance, count) of ``x`` over ``dims``, per remaining (channel) index,
+    over the union of every rank's ``x``: each rank contributes its count, mean
     and sum of squared deviations M2, and they are combined as in Chan et al.'s parallel
     variance, M2 = Σ_r M2_r + Σ_r n_r (mean_r − mean)², which stays exact where the sum of
     squares minus the squared sum would cancel. The per-rank rows are gathered with an all-reduce
@@ -131,8 +129,6 @@ def batch_moments(x: Tensor, dims: Sequence[int], sync: bool = False
     """
     var, mean = torch.var_mean(x, dim=list(dims), unbiased=False)
     count = x.new_tensor(float(x.numel() // max(mean.numel(), 1)))
-    if not sync:
-        return mean, var, count
     world, rank = dist.get_world_size(), dist.get_rank()
     row = torch.cat([count.view(1), mean.flatten(), var.flatten() * count])
     table = all_reduce_sum(F.pad(row.view(1, -1), (0, 0, rank, world - rank - 1)))
@@ -150,7 +146,7 @@ def batch_mean_var(x: Tensor, dims: Sequence[int], sync: bool = False) -> tuple[
     if not sync:
         var, mean = torch.var_mean(x, dim=list(dims), unbiased=False)
         return mean, var
-    mean, var, _ = batch_moments(x, dims, sync=True)
+    mean, var, _ = batch_moments(x, dims)
     return mean, var
 
 
@@ -163,10 +159,15 @@ def sync_batch_norm(module: nn.Module, enabled: bool = True) -> int:
     return len(layers)
 
 
+def batchnorm_buffers(module: nn.Module) -> list[Tensor]:
+    """Every batch-norm layer's state: running averages and ``num_batches_tracked`` counters."""
+    return [b for name, b in module.named_buffers()
+            if name.rsplit(".", 1)[-1].startswith(("running_", "num_batches_tracked"))]
+
+
 def running_stat_buffers(module: nn.Module) -> list[Tensor]:
     """The floating-point running averages of every batch-norm layer."""
-    return [b for name, b in module.named_buffers()
-            if b.is_floating_point() and name.rsplit(".", 1)[-1].startswith("running_")]
+    return [b for b in batchnorm_buffers(module) if b.is_floating_point()]
 
 
 @torch.no_grad()

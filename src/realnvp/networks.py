@@ -27,7 +27,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         # Statistics in at least float32, as nn.BatchNorm2d computes them for bfloat16 inputs.
         h = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean, var, n = batch_moments(h, (0, 2, 3), sync=True)
+        mean, var, n = batch_moments(h, (0, 2, 3))
         if self.track_running_stats:  # the update nn.BatchNorm2d makes (unbiased variance)
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

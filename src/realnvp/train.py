@@ -51,7 +51,7 @@ from tqdm import tqdm
 from . import distributed
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .data import ImageDataset, load_dataset
-from .distributed import DistributedContext, pick_device  # noqa: F401 (cli imports it here)
+from .distributed import DistributedContext, batchnorm_buffers
 from .evaluate import evaluate
 from .figures import save_image_grid
 from .model import RealNVP, RealNVPConfig, dataclass_from_dict
@@ -264,10 +264,6 @@ def learning_rate(train: TrainConfig, step: int) -> float:
     return lr
 
 
-def _batchnorm_buffers(model: RealNVP) -> list[torch.Tensor]:
-    return [b for name, b in model.named_buffers() if "running" in name or "num_batches" in name]
-
-
 class Objective(nn.Module):
     """The training loss of a batch, as a module: (loss, mean bits/dim) of dequantised images
     (nats for vectors), loss = bits/dim + l2 · Σ v². A module so that DistributedDataParallel
@@ -366,7 +362,8 @@ class Trainer:
         self.objective: nn.Module = Objective(self.model, train.l2)
         # running statistics restored after a skipped step (found once: load_state_dict and
         # the optimiser update tensors in place)
-        self.bn_buffers = _batchnorm_buffers(self.model)
+        self.bn_buffers = batchnorm_buffers(self.model)
+        self.bn_saved = [b.clone() for b in self.bn_buffers]  # reused at every step
         if self.dist.enabled:
             self.objective = _data_parallel(self.objective, self.device)
         if train.compile:  # around DDP, so that DDP's hooks split the graph at its buckets
@@ -420,7 +417,9 @@ class Trainer:
         the bits/dim is the mean over the global batch and every process takes the same
         decision."""
         model, opt, train = self.model, self.optimizer, self.train_config
-        saved_stats = [b.clone() for b in self.bn_buffers]
+        with torch.no_grad():
+            for saved, buffer in zip(self.bn_saved, self.bn_buffers):
+                saved.copy_(buffer)
         cond = labels if model.config.num_classes else None
         if model.config.is_image:
             x = dequantize(images, generator=self.generators["noise"])
@@ -436,7 +435,7 @@ class Trainer:
             loss, bpd = both / self.dist.world_size
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             with torch.no_grad():  # undo the batch-norm update of the bad forward pass
-                for buffer, saved in zip(self.bn_buffers, saved_stats):
+                for buffer, saved in zip(self.bn_buffers, self.bn_saved):
                     buffer.copy_(saved)
             opt.zero_grad(set_to_none=True)
             return bpd.detach(), False
@@ -512,9 +511,10 @@ class Trainer:
         images_seen, clock = 0, time.perf_counter()
         while state.step < t.steps:
             images, labels = self.next_batch()
-            bpd, taken = self.training_step(images, labels, learning_rate(t, state.step))
+            lr = learning_rate(t, state.step)
+            bpd, taken = self.training_step(images, labels, lr)
             state.step += 1
-            images_seen += images.shape[0] * self.dist.world_size
+            images_seen += self.global_batch_size
             if not taken:
                 state.nonfinite_steps += 1
                 self.log({"step": state.step, "skipped_nonfinite": state.nonfinite_steps})
@@ -528,9 +528,10 @@ class Trainer:
             if state.step % t.log_every == 0 or state.step == t.steps:
                 rate = images_seen / (time.perf_counter() - clock)
                 images_seen, clock = 0, time.perf_counter()
-                bar.set_postfix(bpd=f"{bpd.item():.3f}", img_s=f"{rate:.1f}")
-                self.log({"step": state.step, "train_bpd": bpd.item(), "img_per_s": rate,
-                          "lr": learning_rate(t, state.step - 1)})
+                train_bpd = bpd.item()  # the only host sync of the loop, every log_every steps
+                bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.1f}")
+                self.log({"step": state.step, "train_bpd": train_bpd, "img_per_s": rate,
+                          "lr": lr})
             last = state.step == t.steps
             evaluate_now = state.step % t.eval_every == 0 or last
             sample_now = (state.step % t.sample_every == 0 or last) and model.config.is_image

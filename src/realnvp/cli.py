@@ -36,7 +36,7 @@ from .train import (
 )
 
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
-# small enough to learn in about ten minutes on two CPU cores. See README.md for its result.
+# small enough to learn in about six minutes on two CPU cores. See README.md for its result.
 DEMO_MODEL = dict(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=16)
 DEMO_TRAIN = dict(dataset="mnist-t10k", data_dir=str(DEMO_DATA), steps=3000, batch_size=32,
                   lr=2e-3, warmup_steps=100, lr_decay="cosine", eval_every=1000,
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision_option(p)
     p.add_argument("--out", required=True, type=Path, help="PNG file to write")
 
-    p = sub.add_parser("demo", help="train on the bundled MNIST files, evaluate, sample (~10 min)",
+    p = sub.add_parser("demo", help="train on the bundled MNIST files, evaluate, sample (~6 min)",
                        description="Train a small model on real MNIST (the bundled test-set "
                        "files: 9,000 images to train, 1,000 held out), print held-out bits/dim "
                        "and write samples. No download and no path to give.")

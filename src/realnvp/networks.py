@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .distributed import batch_moments
 
@@ -69,6 +70,73 @@ class WeightNormConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, padding=self.padding)
 
 
+class _NormReluConv(torch.autograd.Function):
+    """conv(relu(batch_norm(x))) in training mode that stores x only.
+
+    Ordinary backpropagation keeps both x (for batch norm's backward) and a = relu(batch_norm(x))
+    (for the convolution's); here the backward pass recomputes a from x with the same kernel,
+    bit for bit, which costs two memory-bound passes over x and no convolution. In a
+    pre-activation ResNet that halves the stored activations. Batch norm normalises with the
+    batch's statistics and moves its running averages once, in the forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+                running_mean: Tensor | None, running_var: Tensor | None, momentum: float,
+                eps: float, conv_weight: Tensor, conv_bias: Tensor, padding: int) -> Tensor:
+        a, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
+        a = a.relu_()
+        # The convolution in the dtype autocast would give it, chosen here explicitly so that
+        # the backward pass (where autocast is off) can use the same one.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
+        with torch.autocast(device, enabled=False):
+            out = F.conv2d(a.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype),
+                           padding=padding)
+        ctx.save_for_backward(x, norm_weight, norm_bias, mean, invstd, conv_weight)
+        ctx.eps, ctx.padding, ctx.dtype = eps, padding, dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        x, norm_weight, norm_bias, mean, invstd, conv_weight = ctx.saved_tensors
+        a, _, _ = torch.ops.aten.native_batch_norm(  # momentum 0: running averages unchanged
+            x, norm_weight, norm_bias, None, None, True, 0.0, ctx.eps)
+        a = a.relu_()
+        grad_a, grad_conv_weight, grad_conv_bias = torch.ops.aten.convolution_backward(
+            grad_out.to(ctx.dtype), a.to(ctx.dtype), conv_weight.to(ctx.dtype),
+            [conv_weight.shape[0]], [1, 1], [ctx.padding] * 2, [1, 1], False, [0, 0], 1,
+            [True, True, True])
+        grad_norm_out = torch.ops.aten.threshold_backward(grad_a.to(a.dtype), a, 0)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_norm_out, x, norm_weight, None, None, mean, invstd, True, ctx.eps,
+            [True, True, True])
+        return (grad_x, grad_norm_weight, grad_norm_bias, None, None, None, None,
+                grad_conv_weight.to(conv_weight.dtype), grad_conv_bias.to(conv_weight.dtype),
+                None)
+
+
+def norm_relu_conv(
+    x: Tensor, norm: BatchNorm2d, conv: WeightNormConv2d, recompute: bool = False
+) -> Tensor:
+    """conv(relu(norm(x))): (N, C, H, W) → (N, C_out, H, W).
+
+    With ``recompute`` and autograd recording a train-mode, unsynchronised batch norm, through
+    :class:`_NormReluConv`: the same values and gradients, about half the stored activations.
+    """
+    if not (recompute and norm.training and not norm.sync_stats and torch.is_grad_enabled()):
+        return conv(F.relu(norm(x), inplace=True))
+    momentum = 0.0
+    if norm.track_running_stats:  # nn.BatchNorm2d's rule (momentum None: cumulative average)
+        norm.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(norm.num_batches_tracked) if norm.momentum is None
+                    else norm.momentum)
+    return _NormReluConv.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var,
+                               momentum, norm.eps, conv.weight(), conv.bias, conv.padding)
+
+
 class ResidualBlock(nn.Module):
     """Pre-activation block: BN → ReLU → 3×3 conv → BN → ReLU → 3×3 conv, plus the input."""
 
@@ -79,12 +147,13 @@ class ResidualBlock(nn.Module):
         self.norm2 = BatchNorm2d(features)
         self.conv2 = WeightNormConv2d(features, features, 3)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, recompute: bool = False) -> Tensor:
+        """x (N, F, H, W) → (N, F, H, W); ``recompute``: see :func:`norm_relu_conv`."""
         # In place where autograd allows it (batch norm's and a convolution's backward need
         # their inputs, not their outputs): fewer fresh tensors means less memory and less
         # time spent by the allocator and the kernel zeroing new pages.
-        h = self.conv1(F.relu(self.norm1(x), inplace=True))
-        h = self.conv2(F.relu(self.norm2(h), inplace=True))
+        h = norm_relu_conv(x, self.norm1, self.conv1, recompute)
+        h = norm_relu_conv(h, self.norm2, self.conv2, recompute)
         return h.add_(x)
 
 
@@ -104,6 +173,11 @@ class ResNet(nn.Module):
     GFLOP/s forward and backward channels-last against about 150 in NCHW. The concatenation of
     the input parts would otherwise fall back to NCHW and take every later layer with it. The
     output is returned in the ordinary (contiguous) format either way.
+
+    ``recompute`` (set by :meth:`realnvp.RealNVP.set_memory_mode`; off by default here, on by
+    default in a RealNVP) recomputes every BN → ReLU in the backward pass instead of storing
+    its output (:func:`norm_relu_conv`): the same values and gradients, about 40 % less memory
+    in training for about 1 % more time.
 
     Shapes: x (N, in_channels, H, W), extra (1 or N, extra_channels, H, W), cond (N, K)
     → (N, out_channels, H, W).
@@ -129,6 +203,7 @@ class ResNet(nn.Module):
         self.out_norm = BatchNorm2d(features)
         self.out_conv = WeightNormConv2d(features, out_channels, 3, zero_init=True)
         self.channels_last = False
+        self.recompute = False
 
     def forward(
         self, x: Tensor, cond: Tensor | None = None, extra: Tensor | None = None
@@ -147,9 +222,9 @@ class ResNet(nn.Module):
             h = h + self.cond_proj(cond)[:, :, None, None]
         skip = self.stem_skip(h)
         for block, skip_conv in zip(self.blocks, self.skips):
-            h = block(h)
+            h = block(h, self.recompute)
             skip = skip.add_(skip_conv(h))
-        return self.out_conv(F.relu(self.out_norm(skip), inplace=True)).contiguous()
+        return norm_relu_conv(skip, self.out_norm, self.out_conv, self.recompute).contiguous()
 
 
 class MLP(nn.Module):

@@ -98,6 +98,7 @@ class TrainConfig:
     sync_batchnorm: bool = True     # several processes: batch statistics over all of them
     precision: str = "fp32"         # "bf16": the s/t networks under autocast (model.set_precision)
     memory_mode: str = "none"       # "invertible" or "checkpoint": memory-saving backpropagation
+    recompute_activations: bool = True  # s/t nets recompute BN → ReLU in backward (less memory)
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
                                     # CPU 6 % slower, docs/benchmarks.md)
@@ -331,7 +332,8 @@ class Trainer:
                              "input_shape")
         torch.manual_seed(train.seed)  # the model's initial weights
         self.model = RealNVP(model_config).to(self.device)
-        self.model.set_precision(train.precision).set_memory_mode(train.memory_mode)
+        self.model.set_precision(train.precision).set_memory_mode(
+            train.memory_mode, recompute_activations=train.recompute_activations)
         self.model.set_memory_format(train.memory_format)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=train.lr,
                                           betas=(train.beta1, train.beta2), fused=True)

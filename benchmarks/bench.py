@@ -46,7 +46,8 @@ DEFAULT_MODES = ("fp32+nchw,fp32+stored,fp32,bf16+stored,bf16,invertible,checkpo
 # invertible mode at 1.9 instead of 3.9 img/s). Without decay its footprint stays at its peak.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
-OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc"}
+OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
+           "stored"}
 JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 

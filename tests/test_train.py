@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from realnvp import CheckpointError, RealNVP, RealNVPConfig, dequantize
+from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize
 from realnvp.cli import main as cli_main
 from realnvp.data import load_dataset
 from realnvp.evaluate import evaluate
@@ -188,10 +188,14 @@ def test_resume_refuses_another_architecture(tmp_path):
         cli_main(["train", "--run-dir", str(tmp_path), "--steps", "4", "--features", "16"])
 
 
-@pytest.mark.parametrize("precision,memory_mode", [("bf16", "invertible"), ("fp32", "checkpoint")])
-def test_training_options_reach_the_model(tmp_path, precision, memory_mode):
-    trainer = make_trainer(tmp_path, steps=2, precision=precision, memory_mode=memory_mode)
+@pytest.mark.parametrize("precision,memory_mode,recompute", [
+    ("bf16", "invertible", True), ("fp32", "checkpoint", True), ("fp32", "none", False)])
+def test_training_options_reach_the_model(tmp_path, precision, memory_mode, recompute):
+    trainer = make_trainer(tmp_path, steps=2, precision=precision, memory_mode=memory_mode,
+                           recompute_activations=recompute)
     assert trainer.model.precision == precision and trainer.model.memory_mode == memory_mode
+    nets = [m for m in trainer.model.modules() if isinstance(m, ResNet)]
+    assert nets and all(net.recompute == recompute for net in nets)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     state = trainer.run()
     assert state.step == 2 and state.nonfinite_steps == 0

@@ -9,8 +9,9 @@ never mixes with another's. A mode is a ``+``-joined list of options:
 
     fp32 | bf16 | tf32   precision of the s/t networks (tf32: CUDA only, TF32 convolutions)
     invertible | checkpoint   memory-saving backpropagation (RealNVP.set_memory_mode)
-    stored               the s/t networks store every BN → ReLU output for the backward pass
-                         instead of recomputing it (recompute_activations=False)
+    recompute            the s/t networks recompute every BN → ReLU in the backward pass
+                         instead of storing it (recompute_activations=True; the memory-saving
+                         modes do it anyway)
     nchw                 the s/t networks in the NCHW memory format (the default is
                          channels_last: RealNVP.set_memory_format)
     compile              torch.compile of the loss (training and evaluation; sampling eager)
@@ -39,15 +40,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODES = ("fp32+nchw,fp32+stored,fp32,bf16+stored,bf16,invertible,checkpoint,"
-                 "invertible+jemalloc,checkpoint+jemalloc,bf16+invertible+jemalloc,compile")
+DEFAULT_MODES = ("fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,invertible,"
+                 "checkpoint,invertible+jemalloc,checkpoint+jemalloc,bf16+invertible+jemalloc,"
+                 "compile")
 # jemalloc's default decay hands freed pages back to the kernel within seconds; a training step
 # frees and reallocates gigabytes, so each reuse page-faults and is zeroed again (measured: the
 # invertible mode at 1.9 instead of 3.9 img/s). Without decay its footprint stays at its peak.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
-           "stored"}
+           "recompute"}
 JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 
@@ -219,7 +221,7 @@ def build(preset: str, mode: set[str], device, quick: bool):
     model.set_precision("bf16" if "bf16" in mode else "fp32")
     model.set_memory_mode("invertible" if "invertible" in mode else
                           "checkpoint" if "checkpoint" in mode else "none",
-                          recompute_activations="stored" not in mode)
+                          recompute_activations=("recompute" in mode) or None)
     model.set_memory_format("contiguous" if "nchw" in mode else "channels_last")
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = "tf32" in mode

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import perturb, small_image_model
 
-from realnvp import RealNVP, RealNVPConfig
+from realnvp import RealNVP, RealNVPConfig, ResNet
 from realnvp.memory import frozen_running_stats
 
 MODES = ["invertible", "checkpoint"]
@@ -141,6 +141,25 @@ def test_no_grad_and_eval_unaffected():
             assert torch.equal(model.log_prob(x), ref)
     with pytest.raises(ValueError, match="memory mode"):
         model.set_memory_mode("rematerialise")
+
+
+def test_activation_recomputation_follows_the_memory_mode_unless_set():
+    model = small_image_model((3, 8, 8), 2)
+    nets = [m for m in model.modules() if isinstance(m, ResNet)]
+
+    def state() -> tuple[bool, ...]:
+        return (model.recompute_activations, *(net.recompute for net in nets))
+
+    assert nets and not any(state())  # a new model stores everything: the fastest
+    for mode in MODES:
+        model.set_memory_mode(mode)
+        assert all(state()), mode
+    model.set_memory_mode("none")
+    assert not any(state())
+    model.set_memory_mode("none", recompute_activations=True)
+    assert all(state())
+    model.set_memory_mode("invertible", recompute_activations=False)
+    assert not any(state())
 
 
 def test_frozen_running_stats_restores_torch_batch_norm():

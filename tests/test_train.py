@@ -188,14 +188,15 @@ def test_resume_refuses_another_architecture(tmp_path):
         cli_main(["train", "--run-dir", str(tmp_path), "--steps", "4", "--features", "16"])
 
 
-@pytest.mark.parametrize("precision,memory_mode,recompute", [
-    ("bf16", "invertible", True), ("fp32", "checkpoint", True), ("fp32", "none", False)])
-def test_training_options_reach_the_model(tmp_path, precision, memory_mode, recompute):
+@pytest.mark.parametrize("precision,memory_mode,recompute,expected", [
+    ("bf16", "invertible", None, True), ("fp32", "checkpoint", False, False),
+    ("fp32", "none", True, True)])
+def test_training_options_reach_the_model(tmp_path, precision, memory_mode, recompute, expected):
     trainer = make_trainer(tmp_path, steps=2, precision=precision, memory_mode=memory_mode,
                            recompute_activations=recompute)
     assert trainer.model.precision == precision and trainer.model.memory_mode == memory_mode
     nets = [m for m in trainer.model.modules() if isinstance(m, ResNet)]
-    assert nets and all(net.recompute == recompute for net in nets)
+    assert nets and all(net.recompute == expected for net in nets)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     state = trainer.run()
     assert state.step == 2 and state.nonfinite_steps == 0

@@ -179,10 +179,11 @@ class ResNet(nn.Module):
     the input parts would otherwise fall back to NCHW and take every later layer with it. The
     output is returned in the ordinary (contiguous) format either way.
 
-    ``recompute`` (set by :meth:`realnvp.RealNVP.set_memory_mode`; off by default here, on by
-    default in a RealNVP) recomputes every BN → ReLU in the backward pass instead of storing
-    its output (:func:`norm_relu_conv`): the same values and gradients, about 40 % less memory
-    in training for about 1 % more time.
+    ``recompute`` (set by :meth:`realnvp.RealNVP.set_memory_mode`) recomputes every BN → ReLU
+    in the backward pass instead of storing its output (:func:`norm_relu_conv`): the same
+    values and gradients bit for bit; for the ``cifar10`` model at batch 64 on a 2-core CPU, a
+    third less peak memory in training for 1 % more time in fp32 and 3–6 % in bf16
+    (docs/benchmarks.md).
 
     Shapes: x (N, in_channels, H, W), extra (1 or N, extra_channels, H, W), cond (N, K)
     → (N, out_channels, H, W).

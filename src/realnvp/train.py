@@ -98,7 +98,8 @@ class TrainConfig:
     sync_batchnorm: bool = True     # several processes: batch statistics over all of them
     precision: str = "fp32"         # "bf16": the s/t networks under autocast (model.set_precision)
     memory_mode: str = "none"       # "invertible" or "checkpoint": memory-saving backpropagation
-    recompute_activations: bool = True  # s/t nets recompute BN → ReLU in backward (less memory)
+    recompute_activations: bool | None = None  # s/t nets recompute BN → ReLU in backward:
+                                    # a third less memory, 1–6 % slower; None: with memory_mode
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
                                     # CPU 6 % slower, docs/benchmarks.md)

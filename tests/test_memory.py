@@ -11,6 +11,7 @@ from conftest import perturb, small_image_model
 
 from realnvp import RealNVP, RealNVPConfig, ResNet
 from realnvp.memory import frozen_running_stats
+from realnvp.networks import BatchNorm2d, WeightNormConv2d, norm_relu_conv
 
 MODES = ["invertible", "checkpoint"]
 
@@ -173,3 +174,25 @@ def test_frozen_running_stats_restores_torch_batch_norm():
     assert bn.momentum is None
     # and inside the block it still normalised with the batch's statistics
     assert y.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_norm_relu_conv_counts_batches_like_torch(momentum):
+    # Two training steps of one BN → ReLU → conv, recomputed and stored: equal outputs,
+    # gradients, running averages and batch counts (momentum None: the cumulative average).
+    layers = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layers[recompute] = (BatchNorm2d(4, momentum=momentum).train(), WeightNormConv2d(4, 3, 3))
+    for step in range(2):
+        x = torch.randn(5, 4, 6, 6) * 2 + step
+        results = []
+        for recompute, (norm, conv) in layers.items():
+            xi = x.clone().requires_grad_()
+            y = norm_relu_conv(xi, norm, conv, recompute)
+            params = [xi, *norm.parameters(), *conv.parameters()]
+            grads = torch.autograd.grad(y.square().sum(), params)
+            results.append((y, *grads, *norm.buffers()))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    assert all(int(norm.num_batches_tracked) == 2 for norm, _ in layers.values())

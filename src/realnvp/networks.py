@@ -23,6 +23,16 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     sync_stats = False
 
+    def count_batch(self) -> float:
+        """Count one more training batch; return its weight in the running averages
+        (nn.BatchNorm2d's rule: ``momentum``, or 1/k for the k-th batch if it is None)."""
+        if not self.track_running_stats:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
     def forward(self, x: Tensor) -> Tensor:
         if not (self.sync_stats and self.training):
             return super().forward(x)
@@ -31,9 +41,7 @@ class BatchNorm2d(nn.BatchNorm2d):
         mean, var, n = batch_moments(h, (0, 2, 3))
         if self.track_running_stats:  # the update nn.BatchNorm2d makes (unbiased variance)
             with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                     else self.momentum)
+                m = self.count_batch()
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
         scale = torch.rsqrt(var + self.eps)
@@ -133,13 +141,9 @@ def norm_relu_conv(
     if not (recompute and norm.training and not norm.sync_stats and torch.is_grad_enabled()
             and not torch.compiler.is_compiling()):
         return conv(F.relu(norm(x), inplace=True))
-    momentum = 0.0
-    if norm.track_running_stats:  # nn.BatchNorm2d's rule (momentum None: cumulative average)
-        norm.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(norm.num_batches_tracked) if norm.momentum is None
-                    else norm.momentum)
     return _NormReluConv.apply(x, norm.weight, norm.bias, norm.running_mean, norm.running_var,
-                               momentum, norm.eps, conv.weight(), conv.bias, conv.padding)
+                               norm.count_batch(), norm.eps, conv.weight(), conv.bias,
+                               conv.padding)
 
 
 class ResidualBlock(nn.Module):

@@ -186,7 +186,7 @@ class ResNet(nn.Module):
     ``recompute`` (set by :meth:`realnvp.RealNVP.set_memory_mode`) recomputes every BN → ReLU
     in the backward pass instead of storing its output (:func:`norm_relu_conv`): the same
     values and gradients bit for bit; for the ``cifar10`` model at batch 64 on a 2-core CPU, a
-    third less peak memory in training for 1 % more time in fp32 and 3–6 % in bf16
+    third less peak memory in training for 0–1 % more time in fp32 and 2–6 % in bf16
     (docs/benchmarks.md).
 
     Shapes: x (N, in_channels, H, W), extra (1 or N, extra_channels, H, W), cond (N, K)

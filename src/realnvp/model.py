@@ -375,8 +375,7 @@ class RealNVP(nn.Module):
         the backward pass rather than store its output (:func:`realnvp.networks.norm_relu_conv`):
         for the ``cifar10`` model on a 2-core CPU a quarter to a third less peak memory in
         training, for 0–1 % more time in fp32, 2–6 % in bf16 and 5 % for the small demo model.
-        ``None`` (the
-        default): on in the memory-saving modes, off in ``"none"``.
+        ``None`` (the default): on in the memory-saving modes, off in ``"none"``.
 
         The gradients are those of ordinary backpropagation up to rounding (bit for bit with
         ``recompute_activations`` alone), and batch-norm running averages move once per step in

@@ -95,13 +95,11 @@ class _NormReluConv(torch.autograd.Function):
         a, mean, invstd = torch.ops.aten.native_batch_norm(
             x, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps)
         a = a.relu_()
-        # The convolution in the dtype autocast would give it, chosen here explicitly so that
-        # the backward pass (where autocast is off) can use the same one.
+        # The convolution in the dtype autocast gives it, cast explicitly (autocast then has
+        # nothing left to cast) so that the backward pass, where autocast is off, can repeat it.
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else a.dtype
-        with torch.autocast(device, enabled=False):
-            out = F.conv2d(a.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype),
-                           padding=padding)
+        out = F.conv2d(a.to(dtype), conv_weight.to(dtype), conv_bias.to(dtype), padding=padding)
         ctx.save_for_backward(x, norm_weight, norm_bias, mean, invstd, conv_weight)
         ctx.eps, ctx.padding, ctx.dtype = eps, padding, dtype
         return out

@@ -15,6 +15,9 @@ never mixes with another's. A mode is a ``+``-joined list of options:
     nchw                 the s/t networks in the NCHW memory format (the default is
                          channels_last: RealNVP.set_memory_format)
     compile              torch.compile of the loss (training and evaluation; sampling eager)
+    malloc-trim          glibc's malloc with its default thresholds, which return freed memory
+                         to the kernel; without it the worker keeps freed memory for reuse, as
+                         the trainer does (realnvp.allocator.keep_freed_memory)
     jemalloc             the worker runs with LD_PRELOAD=libjemalloc.so.2 and, unless
                          MALLOC_CONF is set, MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
                          (CPU memory allocator: less fragmentation than glibc's malloc, so
@@ -49,7 +52,7 @@ DEFAULT_MODES = ("fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,in
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
-           "recompute"}
+           "recompute", "malloc-trim"}
 JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 
@@ -213,9 +216,12 @@ def build(preset: str, mode: set[str], device, quick: bool):
     import torch
 
     from realnvp import RealNVP, dequantize
+    from realnvp.allocator import keep_freed_memory
     from realnvp.train import Objective, TrainConfig
 
     recipe = TrainConfig()  # the training defaults: the paper's L2, learning rate, betas, clip
+    if recipe.keep_freed_memory and "malloc-trim" not in mode:  # as the trainer does
+        keep_freed_memory()
     overrides = dict(res_blocks=1, features=8) if quick else {}
     model = RealNVP.from_preset(preset, **overrides).to(device)
     model.set_precision("bf16" if "bf16" in mode else "fp32")
@@ -292,6 +298,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.worker == "ceiling":
+        # with the allocator setting of the rows, so that page faults lower neither
+        from realnvp.allocator import keep_freed_memory
+
+        keep_freed_memory()
         return conv_ceiling(args.device, args.quick)
     mode = set(args.worker.split("+"))
     model, loss_fn, optimizer = build(args.preset, mode, device, args.quick)

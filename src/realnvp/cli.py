@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from . import distributed
+from .allocator import keep_freed_memory
 from .data import DATASETS, TOY_DATASETS, load_dataset
 from .distributed import pick_device
 from .evaluate import evaluate
@@ -301,6 +302,8 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    if args.command not in ("train", "demo"):  # those follow TrainConfig.keep_freed_memory
+        keep_freed_memory()
     try:
         handler(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:

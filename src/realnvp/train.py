@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
+from .allocator import keep_freed_memory
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .data import ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
@@ -101,6 +102,8 @@ class TrainConfig:
     recompute_activations: bool | None = None  # s/t nets recompute BN → ReLU in backward:
                                     # a third less memory, 1–6 % slower; None: with memory_mode
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
+    keep_freed_memory: bool = True  # glibc's malloc keeps freed memory for reuse instead of
+                                    # returning it (realnvp.allocator): no page faults per step
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
                                     # CPU 6 % slower, docs/benchmarks.md)
     tensorboard: bool = False
@@ -309,6 +312,8 @@ class Trainer:
                  resume: bool = True) -> None:
         self.train_config = train
         self.run_dir = Path(train.run_dir)
+        if train.keep_freed_memory:
+            keep_freed_memory()
         self.dist: DistributedContext = distributed.setup(train.device)
         self.device = self.dist.device
         self.train_set = load_dataset(train.dataset, train.data_dir, "train", seed=train.seed,

@@ -43,9 +43,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODES = ("fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,invertible,"
-                 "checkpoint,invertible+jemalloc,checkpoint+jemalloc,bf16+invertible+jemalloc,"
-                 "compile")
+DEFAULT_MODES = ("fp32+malloc-trim,fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,"
+                 "invertible+malloc-trim,invertible,checkpoint,invertible+jemalloc,"
+                 "checkpoint+jemalloc,bf16+invertible+jemalloc,compile")
 # jemalloc's default decay hands freed pages back to the kernel within seconds; a training step
 # frees and reallocates gigabytes, so each reuse page-faults and is zeroed again (measured: the
 # invertible mode at 1.9 instead of 3.9 img/s). Without decay its footprint stays at its peak.

@@ -34,3 +34,16 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
             "bf16" if "bf16" in row["mode"] else "fp32"]["fwd_bwd"]
         assert abs(row["conv_fraction"] - expected) < 1e-3
     assert "| fp32 |" in done.stdout and "QUICK RUN" in done.stdout
+
+
+def test_device_checks_pass_here_on_the_cpu():
+    # benchmarks/device_checks.py is the prepared run for a lent GPU; its checks, on a tiny
+    # model on the CPU, are the test suite's own bounds and must pass here.
+    sys.path.insert(0, str(BENCH.parent))
+    import device_checks
+    import torch
+
+    results = device_checks.checks("cifar10", torch.device("cpu"), quick=True)
+    assert len(results) == 6
+    for what, measured, bound in results:
+        assert measured <= bound, (what, measured, bound)

@@ -62,7 +62,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-import tomli_w
 
 CHECKPOINT_FORMAT = "realnvp-checkpoint"
 DEMO_DATA = Path(__file__).parent / "demo_data"
@@ -146,6 +145,10 @@ def _toml_ready(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_config(path: Path, model: RealNVPConfig, train: TrainConfig) -> None:
+    # imported here, so that the trainer's objective and step (benchmarks/) also run from a
+    # checkout under another Python that has PyTorch but not this writer (a lent GPU machine)
+    import tomli_w
+
     path.parent.mkdir(parents=True, exist_ok=True)
     text = tomli_w.dumps({"model": _toml_ready(model.to_dict()),
                           "train": _toml_ready(train.to_dict())})

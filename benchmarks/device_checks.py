@@ -1,0 +1,147 @@
+"""The GPU checks and the GPU benchmark table, as one prepared run for a lent CUDA machine.
+
+    python3 benchmarks/device_checks.py --out $OUT            # on the GPU machine
+    python benchmarks/device_checks.py --device cpu --quick   # here: checks the script itself
+
+Runs from a checkout without installing it (``src`` goes on ``sys.path``), under whatever
+PyTorch the machine has. First the correctness checks that the CPU test suite makes, on the
+device, each printed with its measured error and bound: bf16 against fp32 bits/dim, BN → ReLU
+recomputation against storing, the memory-saving modes against ordinary backpropagation, and
+the exactness of decode(encode(x)). Then ``benchmarks/bench.py`` on the device, whose JSON and
+table go to ``--out``. Exit status 1 if a check failed (the table is still measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
+
+import bench  # noqa: E402
+import torch  # noqa: E402
+
+from realnvp import RealNVP, bits_per_dim, dequantize  # noqa: E402
+
+GPU_MODES = "fp32,tf32,bf16,fp32+recompute,bf16+recompute,invertible,checkpoint,compile"
+
+
+def calibrated_model(preset: str, device: torch.device, quick: bool) -> RealNVP:
+    """The preset's model with perturbed weights and the batch-norm statistics of one batch, so
+    that it is not the near-identity of its initialisation."""
+    torch.manual_seed(0)
+    overrides = dict(res_blocks=1, features=8) if quick else {}
+    model = RealNVP.from_preset(preset, **overrides).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        model.train()
+        for _ in range(3):  # running averages near this distribution's statistics
+            model.log_prob(dequantize(images(model, 64, device)), check=False)
+    return model.eval()
+
+
+def images(model: RealNVP, n: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(1)
+    return torch.randint(0, 256, (n, *model.config.input_shape), dtype=torch.uint8,
+                         device=device, generator=g)
+
+
+def worst_relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """max over parameters of ‖g − g_ref‖ / max(‖g_ref‖, 1e-3 · ‖all of g_ref‖), as
+    tests/test_memory.py measures it: gradients that vanish in exact arithmetic (biases of
+    convolutions that feed a train-mode batch norm) are rounding noise, compared with the size
+    of the whole gradient instead of their own."""
+    total = torch.sqrt(sum(g.pow(2).sum() for g in reference))
+    return max(float((g - r).norm() / torch.maximum(r.norm(), 1e-3 * total))
+               for g, r in zip(grads, reference))
+
+
+def gradients(model: RealNVP, x: torch.Tensor, mode: str, recompute: bool) -> list[torch.Tensor]:
+    """Gradients of one training step's mean negative log-likelihood, in the model's dtype."""
+    model = copy.deepcopy(model).set_memory_mode(mode, recompute_activations=recompute).train()
+    (-model.log_prob(x, check=False).mean()).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def checks(preset: str, device: torch.device, quick: bool) -> list[tuple[str, float, float]]:
+    """(what, measured, bound) for each check, in true float32 (no TF32 on CUDA).
+
+    The gradients are compared with ordinary backpropagation in float64. On the full cifar10
+    model in float32 ordinary backpropagation itself is about 6e-3 from it on its worst
+    parameter (measured on the CPU, 2026-12-01), so each mode's bound is twice ordinary
+    backpropagation's own error, at least 1e-3.
+    """
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    model = calibrated_model(preset, device, quick)
+    x = dequantize(images(model, 16 if quick else 64, device))
+    results = []
+    dims = x[0].numel()
+    with torch.inference_mode():
+        fp32 = bits_per_dim(model.set_precision("fp32").log_prob(x), dims).mean()
+        bf16 = bits_per_dim(model.set_precision("bf16").log_prob(x), dims).mean()
+        model.set_precision("fp32")
+        results.append(("bf16 vs fp32 bits/dim, |difference|", float((bf16 - fp32).abs()), 0.01))
+        z = model.encode(x)
+        error = float((model.decode(z) - x).abs().max())
+        results.append(("decode(encode(x)) − x, max |error| (fp32)", error, 1e-3))
+    small = x[:8]
+    stored = gradients(model, small, "none", recompute=False)
+    recomputed = gradients(model, small, "none", recompute=True)
+    # the same kernels on the same inputs: equal up to the convolutions' own nondeterminism
+    results.append(("BN → ReLU recomputed vs stored, worst relative gradient difference",
+                    worst_relative_error(recomputed, stored), 1e-4))
+    exact = [g.double() for g in gradients(copy.deepcopy(model).double(), small.double(),
+                                           "none", recompute=False)]
+    ordinary = worst_relative_error([g.double() for g in stored], exact)
+    results.append(("ordinary backprop (fp32) vs float64, worst relative gradient error",
+                    ordinary, 1e-2))
+    for mode in ("invertible", "checkpoint"):
+        grads = [g.double() for g in gradients(model, small, mode, recompute=True)]
+        results.append((f"memory mode {mode} (fp32) vs float64, worst relative gradient error",
+                        worst_relative_error(grads, exact), max(1e-3, 2 * ordinary)))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--preset", default="cifar10")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--modes", default=GPU_MODES)
+    parser.add_argument("--out", type=Path, default=Path("."))
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model and a CPU-sized table: checks this script")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible to this PyTorch")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}", flush=True)
+
+    start = time.perf_counter()
+    failed = 0
+    for what, measured, bound in checks(args.preset, device, args.quick):
+        ok = measured <= bound  # NaN fails
+        failed += not ok
+        print(f"{'PASS' if ok else 'FAIL'}  {what}: {measured:.3g} (bound {bound:g})", flush=True)
+    print(f"checks: {time.perf_counter() - start:.0f} s", flush=True)
+
+    # bench.py measures each mode in a subprocess, which must find the package too
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
+                                                             os.environ.get("PYTHONPATH")]))
+    modes = args.modes if device.type == "cuda" else args.modes.replace("tf32,", "")
+    argv = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--device",
+            args.device, "--modes", modes, "--json", str(args.out / f"bench-{args.preset}-"
+                                                      f"{device.type}.json")]
+    bench_status = bench.main(argv + (["--quick", "--max-busy", "1"] if args.quick else []))
+    return 1 if failed or bench_status else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

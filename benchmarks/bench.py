@@ -298,7 +298,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.worker == "ceiling":
-        # with the allocator setting of the rows, so that page faults lower neither
+        # the rows' allocator setting, so that page faults cannot lower the ceiling either
         from realnvp.allocator import keep_freed_memory
 
         keep_freed_memory()

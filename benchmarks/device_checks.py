@@ -5,10 +5,11 @@
 
 Runs from a checkout without installing it (``src`` goes on ``sys.path``), under whatever
 PyTorch the machine has. First the correctness checks that the CPU test suite makes, on the
-device, each printed with its measured error and bound: bf16 against fp32 bits/dim, BN → ReLU
-recomputation against storing, the memory-saving modes against ordinary backpropagation, and
-the exactness of decode(encode(x)). Then ``benchmarks/bench.py`` on the device, whose JSON and
-table go to ``--out``. Exit status 1 if a check failed (the table is still measured).
+device, each printed with its measured error and bound: bf16 against fp32 bits/dim, the
+exactness of decode(encode(x)), BN → ReLU recomputation against storing, and ordinary and
+memory-saving backpropagation in float32 against ordinary backpropagation in float64. Then
+``benchmarks/bench.py`` on the device, whose JSON and table go to ``--out``. Exit status 1 if
+a check failed (the table is still measured).
 """
 
 from __future__ import annotations

@@ -163,29 +163,34 @@ def timed(fn, device, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def conv_ceiling(device_name: str, quick: bool) -> dict[str, Any]:
+def conv_ceiling(device_name: str, quick: bool, precisions: list[str] | None = None,
+                 layouts: tuple[str, ...] = ("nchw", "cl"),
+                 directions: tuple[str, ...] = ("fwd", "fwd_bwd")) -> dict[str, Any]:
     """GFLOP/s of large 3×3 convolutions of the cifar10 model's sizes, forward and forward +
-    backward (input and weight gradients: 3× the forward FLOPs), per precision and layout."""
+    backward (input and weight gradients: 3× the forward FLOPs), per precision and layout.
+    ``precisions`` default: fp32, bf16 and, on CUDA, tf32."""
     import torch
     import torch.nn.functional as F
 
     device = torch.device(device_name)
-    precisions = ["fp32", "bf16"] + (["tf32"] if device.type == "cuda" else [])
+    if precisions is None:
+        precisions = ["fp32", "bf16"] + (["tf32"] if device.type == "cuda" else [])
     shapes = [(64, 32), (128, 16)]  # (channels, size): 64→64 at 32×32, 128→128 at 16×16
     detail = []
+    tf32_before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         if device.type == "cuda":
             torch.backends.cudnn.allow_tf32 = precision == "tf32"
             torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         for channels, size in shapes:
-            for layout in ("nchw", "cl"):
+            for layout in layouts:
                 fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
                 x = torch.randn(64, channels, size, size, device=device, dtype=dtype)
                 w = torch.randn(channels, channels, 3, 3, device=device, dtype=dtype) * 0.05
                 x, w = x.to(memory_format=fmt), w.to(memory_format=fmt)
                 flop = 2 * channels * channels * 9 * size * size * 64
-                for direction in ("fwd", "fwd_bwd"):
+                for direction in directions:
                     train = direction == "fwd_bwd"
                     xi, wi = x.detach().requires_grad_(train), w.detach().requires_grad_(train)
                     # the output gradient in the layout of the output, as autograd passes it
@@ -202,13 +207,13 @@ def conv_ceiling(device_name: str, quick: bool) -> dict[str, Any]:
                     detail.append({"precision": precision, "channels": channels, "size": size,
                                    "layout": layout, "direction": direction,
                                    "gflop_s": round(rate, 1)})
-    if device.type == "cuda":
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32_before
     best = {p: {d: max(r["gflop_s"] for r in detail if r["precision"] == p
-                       and r["direction"] == d) for d in ("fwd", "fwd_bwd")}
+                       and r["direction"] == d) for d in directions}
             for p in precisions}
     return {**best, "detail": detail,
-            "note": "best of the two shapes and two layouts at batch 64; bf16 with bf16 tensors"}
+            "note": f"best of the two shapes and the layouts {', '.join(layouts)} at batch 64; "
+                    "bf16 with bf16 tensors"}
 
 
 def build(preset: str, mode: set[str], device, quick: bool):
@@ -326,6 +331,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if "compile" in mode:
         row["compile_s"] = round(first - min(steps), 1)
     row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
+    # The machine's speed drifts by several per cent over a run: the ceiling once more, right
+    # after this row's training steps, in its precision and the faster (channels-last) layout.
+    row["ceiling_fwd_bwd_here"] = conv_ceiling(
+        args.device, args.quick, [precision_of(args.worker)], ("cl",), ("fwd_bwd",)
+    )[precision_of(args.worker)]["fwd_bwd"]
 
     model.eval()
 
@@ -391,18 +401,26 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def precision_of(mode: str) -> str:
+    """The s/t networks' precision in a mode: bf16, tf32 or fp32."""
+    options = mode.split("+")
+    return "bf16" if "bf16" in options else "tf32" if "tf32" in options else "fp32"
+
+
 def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None,
                 half_batch: int) -> None:
     """conv_fraction (training FLOP rate over the fwd+bwd ceiling of the same precision),
+    conv_fraction_here (over the ceiling measured right after the row's training steps),
     eval_conv_fraction, and the memory extrapolation to 8 GiB."""
-    precision = "bf16" if "bf16" in row["mode"] else "tf32" if "tf32" in row["mode"] else "fp32"
-    ceiling = ceilings.get(precision) if ceilings else None
+    ceiling = ceilings.get(precision_of(row["mode"])) if ceilings else None
     gflop = row["gflop_per_img"]
     if ceiling:
         row["conv_fraction"] = round(3 * gflop * row["train_img_s"] / ceiling["fwd_bwd"], 3)
         row["eval_conv_fraction"] = round(gflop * row["eval_img_s"] / ceiling["fwd"], 3)
     else:
         row["conv_fraction"] = row["eval_conv_fraction"] = None
+    row["conv_fraction_here"] = round(
+        3 * gflop * row["train_img_s"] / row["ceiling_fwd_bwd_here"], 3)
     # Peak memory is close to linear in the batch size (activations) plus a constant (weights,
     # optimizer state, the framework): two batch sizes fix the line.
     row["max_batch_8gib"] = None
@@ -424,15 +442,17 @@ def fmt(value, digits: int = 1) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| mode | train img/s | eval img/s | sample img/s | peak RSS MiB | GFLOP/img "
-            "| conv fraction (train) | max batch in 8 GiB* | others' CPU |")
-    lines = [head, "|" + "---|" * 9]
+            "| conv fraction (train) | same, ceiling at the row | max batch in 8 GiB* "
+            "| others' CPU |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         others = r.get("others_cpu")
         lines.append(
             f"| {r['mode']} | {fmt(r['train_img_s'], 2)} | {fmt(r['eval_img_s'], 2)} "
             f"| {fmt(r['sample_img_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
             f"| {fmt(r['gflop_per_img'], 2)} | {fmt(r['conv_fraction'], 2)} "
-            f"| {fmt(r['max_batch_8gib'])} | {'—' if others is None else f'{100 * others:.0f}%'} |"
+            f"| {fmt(r.get('conv_fraction_here'), 2)} | {fmt(r['max_batch_8gib'])} "
+            f"| {'—' if others is None else f'{100 * others:.0f}%'} |"
         )
     return "\n".join(lines)
 

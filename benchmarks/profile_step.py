@@ -58,6 +58,10 @@ def main() -> int:
                         help="also time every convolution of the model alone, outside the "
                         "model: the training speed the step would have if nothing but its "
                         "convolutions took time")
+    parser.add_argument("--in-step", action="store_true",
+                        help="also time every operator call of unprofiled steps on its own "
+                        "(no profiler): the convolutions' time inside the step, to set against "
+                        "--bound, and the time between the operators")
     args = parser.parse_args()
 
     import torch
@@ -104,9 +108,52 @@ def main() -> int:
               f"the step as a whole: {3 * gflop * args.batch_size / step_s:.0f} GFLOP/s")
     if args.shapes:
         print_conv_shapes(prof, args.steps)
+    if args.in_step:
+        print_in_step_times(lambda: step(images), args.steps)
     if args.bound:
         print_convolution_bound(model, images, args.batch_size, gflop)
     return 0
+
+
+def print_in_step_times(run_step, steps: int) -> None:
+    """Wall-clock time of every operator call of ``steps`` training steps, each call timed on
+    its own, summed per category.
+
+    A dispatch mode sees every ATen call, forward and backward (on the CPU the autograd engine
+    runs the backward on the calling thread), and CPU kernels are synchronous, so the time
+    around a call is the kernel's. Unlike the profiler's self time it includes nothing of the
+    calls nested in it. What is left of the step's wall time is spent between the operators:
+    Python, autograd's bookkeeping and this measurement's own overhead (an upper bound).
+    """
+    import time
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    totals: dict[str, float] = {}
+
+    class TimeEachCall(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            name = category(func.overloadpacket.__name__)
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+            return out
+
+    start = time.perf_counter()
+    with TimeEachCall():
+        for _ in range(steps):
+            run_step()
+    wall = (time.perf_counter() - start) / steps
+    totals = {name: seconds / steps for name, seconds in totals.items()}
+    ops = sum(totals.values())
+    print("\n| category (every call timed, no profiler) | ms / step | share of the step |"
+          "\n|---|---|---|")
+    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {1e3 * seconds:.1f} | {100 * seconds / wall:.1f}% |")
+    between = wall - ops
+    print(f"| between the operators | {1e3 * between:.1f} | {100 * between / wall:.1f}% |")
+    conv = totals.get("convolution, forward", 0.0) + totals.get("convolution, backward", 0.0)
+    print(f"\nconvolutions inside the step: {conv:.2f} s of {wall:.2f} s per step")
 
 
 def print_convolution_bound(model, images, batch_size: int, gflop: float) -> None:

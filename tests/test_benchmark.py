@@ -26,13 +26,24 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
     assert set(rows) == {"fp32", "bf16+malloc-trim", "invertible"}
     for row in rows.values():
         for key in ("train_img_s", "eval_img_s", "sample_img_s", "peak_rss_mib",
-                    "gflop_per_img", "conv_fraction"):
+                    "gflop_per_img", "conv_fraction", "ceiling_fwd_bwd_here",
+                    "conv_fraction_here"):
             assert row[key] > 0, (row["mode"], key)
         # the flop counter on the tiny model (1 residual block, 8 features): same in every mode
         assert row["gflop_per_img"] == rows["fp32"]["gflop_per_img"]
         expected = 3 * row["gflop_per_img"] * row["train_img_s"] / result["ceilings"][
             "bf16" if "bf16" in row["mode"] else "fp32"]["fwd_bwd"]
         assert abs(row["conv_fraction"] - expected) < 1e-3
+        here = 3 * row["gflop_per_img"] * row["train_img_s"] / row["ceiling_fwd_bwd_here"]
+        assert abs(row["conv_fraction_here"] - here) < 1e-3
+    # each row's own ceiling is measured in the row's precision
+    assert rows["bf16+malloc-trim"]["ceiling_fwd_bwd_here"] != rows["fp32"]["ceiling_fwd_bwd_here"]
+    sys.path.insert(0, str(BENCH.parent))
+    import bench
+
+    assert [bench.precision_of(m) for m in ("fp32+malloc-trim", "bf16+invertible+jemalloc",
+                                            "tf32+compile", "invertible")] == \
+        ["fp32", "bf16", "tf32", "fp32"]
     assert "| fp32 |" in done.stdout and "QUICK RUN" in done.stdout
 
 
@@ -47,3 +58,32 @@ def test_device_checks_pass_here_on_the_cpu():
     assert len(results) == 6
     for what, measured, bound in results:
         assert measured <= bound, (what, measured, bound)
+
+
+def test_in_step_timing_separates_operators_from_the_time_between_them(capsys):
+    # profile_step.py --in-step: every ATen call timed on its own, by category; the time spent
+    # outside the operators (here a sleep) must land in "between the operators", not in them.
+    sys.path.insert(0, str(BENCH.parent))
+    import time
+
+    import profile_step
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, requires_grad=True)
+
+    def step():
+        y = F.relu(F.conv2d(x, w, padding=1))
+        y.sum().backward()
+        time.sleep(0.2)
+
+    profile_step.print_in_step_times(step, steps=2)
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
+            rows[cells[0]] = float(cells[1])
+    assert {"convolution, forward", "convolution, backward", "ReLU"} <= set(rows)
+    assert rows["between the operators"] >= 200  # ms per step: the sleep
+    assert 0 < rows["convolution, backward"] < 200

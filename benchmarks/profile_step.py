@@ -124,6 +124,10 @@ def print_in_step_times(run_step, steps: int) -> None:
     around a call is the kernel's. Unlike the profiler's self time it includes nothing of the
     calls nested in it. What is left of the step's wall time is spent between the operators:
     Python, autograd's bookkeeping and this measurement's own overhead (an upper bound).
+    Observing changes one thing: every result passes through Python, and autograd sums the
+    gradients of a tensor used several times in place only into a buffer nothing else refers
+    to, so here those sums become out-of-place additions (``add`` instead of ``add_``;
+    element-wise time an unobserved step does not spend).
     """
     import time
 

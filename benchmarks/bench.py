@@ -333,9 +333,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
     # The machine's speed drifts by several per cent over a run: the ceiling once more, right
     # after this row's training steps, in its precision and the faster (channels-last) layout.
+    precision = precision_of(args.worker)
     row["ceiling_fwd_bwd_here"] = conv_ceiling(
-        args.device, args.quick, [precision_of(args.worker)], ("cl",), ("fwd_bwd",)
-    )[precision_of(args.worker)]["fwd_bwd"]
+        args.device, args.quick, [precision], ("cl",), ("fwd_bwd",))[precision]["fwd_bwd"]
 
     model.eval()
 

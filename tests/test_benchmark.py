@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+sys.path.insert(0, str(BENCH.parent))  # bench, device_checks and profile_step import as modules
 
 
 def test_quick_benchmark_writes_every_documented_key(tmp_path):
@@ -38,7 +39,6 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
         assert abs(row["conv_fraction_here"] - here) < 1e-3
     # each row's own ceiling is measured in the row's precision
     assert rows["bf16+malloc-trim"]["ceiling_fwd_bwd_here"] != rows["fp32"]["ceiling_fwd_bwd_here"]
-    sys.path.insert(0, str(BENCH.parent))
     import bench
 
     assert [bench.precision_of(m) for m in ("fp32+malloc-trim", "bf16+invertible+jemalloc",
@@ -50,7 +50,6 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
 def test_device_checks_pass_here_on_the_cpu():
     # benchmarks/device_checks.py is the prepared run for a lent GPU; its checks, on a tiny
     # model on the CPU, are the test suite's own bounds and must pass here.
-    sys.path.insert(0, str(BENCH.parent))
     import device_checks
     import torch
 
@@ -63,7 +62,6 @@ def test_device_checks_pass_here_on_the_cpu():
 def test_in_step_timing_separates_operators_from_the_time_between_them(capsys):
     # profile_step.py --in-step: every ATen call timed on its own, by category; the time spent
     # outside the operators (here a sleep) must land in "between the operators", not in them.
-    sys.path.insert(0, str(BENCH.parent))
     import time
 
     import profile_step

@@ -16,8 +16,10 @@ never mixes with another's. A mode is a ``+``-joined list of options:
                          channels_last: RealNVP.set_memory_format)
     compile              torch.compile of the loss (training and evaluation; sampling eager)
     malloc-trim          glibc's malloc with its default thresholds, which return freed memory
-                         to the kernel; without it the worker keeps freed memory for reuse, as
-                         the trainer does (realnvp.allocator.keep_freed_memory)
+                         to the kernel; without it (or malloc-release) the worker keeps freed
+                         memory for reuse, as the trainer does (realnvp.allocator, "keep")
+    malloc-release       glibc's malloc returns every block above 128 KiB to the kernel when it
+                         is freed (realnvp.allocator, "release"): the lowest peak memory
     jemalloc             the worker runs with LD_PRELOAD=libjemalloc.so.2 and, unless
                          MALLOC_CONF is set, MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
                          (CPU memory allocator: less fragmentation than glibc's malloc, so
@@ -52,7 +54,8 @@ DEFAULT_MODES = ("fp32+malloc-trim,fp32+nchw+recompute,fp32,fp32+recompute,bf16,
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
-           "recompute", "malloc-trim"}
+           "recompute", "malloc-trim", "malloc-release"}
+MALLOC_OPTIONS = {"malloc-trim": "system", "malloc-release": "release", "jemalloc": "system"}
 JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
                   "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
 
@@ -221,12 +224,11 @@ def build(preset: str, mode: set[str], device, quick: bool):
     import torch
 
     from realnvp import RealNVP, dequantize
-    from realnvp.allocator import keep_freed_memory
+    from realnvp.allocator import set_malloc_policy
     from realnvp.train import Objective, TrainConfig
 
     recipe = TrainConfig()  # the training defaults: the paper's L2, learning rate, betas, clip
-    if recipe.keep_freed_memory and "malloc-trim" not in mode:  # as the trainer does
-        keep_freed_memory()
+    set_malloc_policy(malloc_policy(mode))
     overrides = dict(res_blocks=1, features=8) if quick else {}
     model = RealNVP.from_preset(preset, **overrides).to(device)
     model.set_precision("bf16" if "bf16" in mode else "fp32")
@@ -250,6 +252,15 @@ def build(preset: str, mode: set[str], device, quick: bool):
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr,
                                  betas=(recipe.beta1, recipe.beta2), **fused)
     return model, loss_fn, optimizer
+
+
+def malloc_policy(mode: set[str]) -> str:
+    """The glibc malloc policy (realnvp.allocator) of a mode: the trainer's default unless an
+    allocator option says otherwise (under jemalloc glibc's malloc is not used)."""
+    from realnvp.train import TrainConfig
+
+    chosen = {MALLOC_OPTIONS[o] for o in mode & MALLOC_OPTIONS.keys()}
+    return chosen.pop() if chosen else TrainConfig.malloc
 
 
 def make_train_step(model, loss_fn, optimizer):
@@ -321,6 +332,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     row: dict[str, Any] = {"mode": args.worker, "batch_size": args.batch_size,
                            "threads": torch.get_num_threads(), "allocator": allocator(),
+                           "glibc_malloc_policy": malloc_policy(mode),
                            "malloc_conf": os.environ.get("MALLOC_CONF")}
     meter = LoadMeter()
     start = time.perf_counter()
@@ -489,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or ("tf32" in m and args.device != "cuda"):
             parser.error(f"bad mode {m!r}: options are {', '.join(sorted(OPTIONS))} "
                          "(tf32 on cuda only)")
+        if len(set(m.split("+")) & MALLOC_OPTIONS.keys()) > 1:
+            parser.error(f"bad mode {m!r}: at most one of {', '.join(sorted(MALLOC_OPTIONS))}")
         if "jemalloc" in m and find_jemalloc() is None:
             parser.error(f"mode {m!r} needs libjemalloc.so.2 (apt install libjemalloc2) in one "
                          f"of {', '.join(JEMALLOC_PATHS)}")

@@ -1,4 +1,4 @@
-"""The process's CPU memory allocator: keep freed memory for reuse instead of returning it.
+"""The process's CPU memory allocator: what glibc's ``malloc`` does with the memory a step frees.
 
 A training step of an image model allocates and frees gigabytes of activations. glibc's
 ``malloc`` by default hands a freed block back to the kernel when it is larger than its mmap
@@ -7,13 +7,21 @@ is free there, which happens at the end of every backward pass. Every such page 
 page-faulted in and zeroed by the kernel again at its next use, inside the convolutions and
 batch norms that touch it first. For the ``cifar10`` preset at batch 64 on the project's 2-core
 CPU that was about 180,000–230,000 page faults and 1.2–1.3 s of kernel time per 13 s step
-(docs/benchmarks.md). :func:`keep_freed_memory` turns both off, as ``mallopt(3)`` allows at run
-time, so the heap stays at its high-water mark and is reused.
+(docs/benchmarks.md). Two policies, both set with ``mallopt(3)`` at run time:
 
-What it costs: the resident memory no longer shrinks between steps (it stays at the peak, which
-a training process reaches at every step anyway). Blocks above 32 MiB, glibc's largest mmap
-threshold, are still mapped and unmapped each time. With another allocator preloaded (jemalloc,
-tcmalloc) glibc's settings do nothing; configure that allocator instead.
+- ``"keep"`` (:func:`keep_freed_memory`, the trainer's default): never trim the heap and serve
+  every block up to 32 MiB from it, so the heap stays at its high-water mark and is reused.
+  The resident memory no longer shrinks between steps (it stays at the peak, which a training
+  process reaches at every step anyway), but the heap fragments: the peak is a few hundred MiB
+  above the live tensors and varies between identical runs.
+- ``"release"`` (:func:`release_freed_memory`): the opposite. Every block above 128 KiB gets a
+  mapping of its own, unmapped the moment it is freed, so the peak is the live tensors' and
+  nothing else (the memory-saving modes of the ``cifar10`` preset: 1017–1020 MiB instead of
+  1467–1899), paid for with page faults at every step (there: 27 % slower).
+- ``"system"``: glibc's defaults, left as they are.
+
+With another allocator preloaded (jemalloc, tcmalloc) glibc's settings do nothing; configure
+that allocator instead.
 """
 
 from __future__ import annotations
@@ -28,6 +36,11 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2, which is 32 MiB on 64-bit systems
 MAX_MMAP_THRESHOLD = 32 * 2**20
+# glibc's initial mmap threshold; setting it explicitly also stops glibc from raising it after
+# the first large free, which is what lets big blocks move into the fragmenting heap
+RELEASE_THRESHOLD = 128 * 2**10
+
+MALLOC_POLICIES = ("keep", "release", "system")
 
 
 @functools.cache
@@ -44,18 +57,45 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+def _mallopt(trim_threshold: int, mmap_threshold: int) -> bool:
+    """Both thresholds set; True if glibc took both, False where the C library is not glibc."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    trim = libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
+    mmap = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    return bool(trim and mmap)
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse: never trim the heap, and serve every
     block up to 32 MiB from the heap instead of a fresh mapping.
 
     A process-wide setting: call it once, before the work that allocates (the trainer does,
-    unless ``TrainConfig.keep_freed_memory`` is off). Returns True if glibc took both settings,
+    unless ``TrainConfig.malloc`` says otherwise). Returns True if glibc took both settings,
     False where the C library is not glibc (macOS, Windows, musl), where it does nothing.
     """
-    libc = _glibc()
-    if libc is None:
-        return False
     # mallopt takes an int; glibc stores the trim threshold as a size_t, so -1 means "never"
-    trim = libc.mallopt(M_TRIM_THRESHOLD, -1)
-    mmap = libc.mallopt(M_MMAP_THRESHOLD, MAX_MMAP_THRESHOLD)
-    return bool(trim and mmap)
+    return _mallopt(-1, MAX_MMAP_THRESHOLD)
+
+
+def release_freed_memory() -> bool:
+    """Make glibc's malloc give every block above 128 KiB back to the kernel when it is freed:
+    the lowest peak memory, at the price of page faults (and zeroed pages) at every step.
+
+    Process-wide, like :func:`keep_freed_memory`; the same return value.
+    """
+    return _mallopt(RELEASE_THRESHOLD, RELEASE_THRESHOLD)
+
+
+def set_malloc_policy(policy: str) -> bool:
+    """Apply one of :data:`MALLOC_POLICIES` ("keep", "release", "system"; see the module's
+    docstring). Returns whether glibc's settings changed ("system" changes nothing: False)."""
+    if policy not in MALLOC_POLICIES:
+        raise ValueError(f"malloc policy must be one of {', '.join(MALLOC_POLICIES)}, "
+                         f"got {policy!r}")
+    if policy == "keep":
+        return keep_freed_memory()
+    if policy == "release":
+        return release_freed_memory()
+    return False

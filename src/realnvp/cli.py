@@ -302,7 +302,7 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
-    if args.command not in ("train", "demo"):  # those follow TrainConfig.keep_freed_memory
+    if args.command not in ("train", "demo"):  # those follow TrainConfig.malloc
         keep_freed_memory()
     try:
         handler(args)

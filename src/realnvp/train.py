@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
-from .allocator import keep_freed_memory
+from .allocator import set_malloc_policy
 from .checkpoint import CheckpointError, atomic_save, safe_load
 from .data import ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
@@ -101,8 +101,9 @@ class TrainConfig:
     recompute_activations: bool | None = None  # s/t nets recompute BN → ReLU in backward:
                                     # a third less memory, 1–6 % slower; None: with memory_mode
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
-    keep_freed_memory: bool = True  # glibc's malloc keeps freed memory for reuse instead of
-                                    # returning it (realnvp.allocator): no page faults per step
+    malloc: str = "keep"            # glibc's malloc (realnvp.allocator): "keep" freed memory for
+                                    # reuse (no page faults per step), "release" it to the kernel
+                                    # (lowest peak memory, slower) or "system" defaults
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
                                     # CPU 6 % slower, docs/benchmarks.md)
     tensorboard: bool = False
@@ -113,6 +114,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        if "keep_freed_memory" in d:  # the boolean that preceded `malloc`, in older run dirs
+            d.setdefault("malloc", "keep" if d.pop("keep_freed_memory") else "system")
         return dataclass_from_dict(cls, d)
 
 
@@ -315,8 +319,7 @@ class Trainer:
                  resume: bool = True) -> None:
         self.train_config = train
         self.run_dir = Path(train.run_dir)
-        if train.keep_freed_memory:
-            keep_freed_memory()
+        set_malloc_policy(train.malloc)
         self.dist: DistributedContext = distributed.setup(train.device)
         self.device = self.dist.device
         self.train_set = load_dataset(train.dataset, train.data_dir, "train", seed=train.seed,

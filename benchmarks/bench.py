@@ -48,16 +48,10 @@ from typing import Any
 DEFAULT_MODES = ("fp32+malloc-trim,fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,"
                  "invertible+malloc-trim,invertible,checkpoint,invertible+jemalloc,"
                  "checkpoint+jemalloc,bf16+invertible+jemalloc,compile")
-# jemalloc's default decay hands freed pages back to the kernel within seconds; a training step
-# frees and reallocates gigabytes, so each reuse page-faults and is zeroed again (measured: the
-# invertible mode at 1.9 instead of 3.9 img/s). Without decay its footprint stays at its peak.
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
            "recompute", "malloc-trim", "malloc-release"}
-MALLOC_OPTIONS = {"malloc-trim": "system", "malloc-release": "release", "jemalloc": "system"}
-JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
-                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
+MALLOC_OPTIONS = {"malloc-trim": "system", "malloc-release": "release", "jemalloc": "jemalloc"}
 
 
 # -- load on the machine ----------------------------------------------------------------------
@@ -135,15 +129,6 @@ def peak_memory_mib(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def allocator() -> str:
-    """The malloc this process really uses (a failed LD_PRELOAD only prints a warning)."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    return "jemalloc" if "jemalloc" in maps else "system"
 
 
 def timed(fn, device, warmup: int, iters: int) -> list[float]:
@@ -255,8 +240,8 @@ def build(preset: str, mode: set[str], device, quick: bool):
 
 
 def malloc_policy(mode: set[str]) -> str:
-    """The glibc malloc policy (realnvp.allocator) of a mode: the trainer's default unless an
-    allocator option says otherwise (under jemalloc glibc's malloc is not used)."""
+    """The malloc policy (realnvp.allocator) of a mode: the trainer's default unless an
+    allocator option says otherwise."""
     from realnvp.train import TrainConfig
 
     chosen = {MALLOC_OPTIONS[o] for o in mode & MALLOC_OPTIONS.keys()}
@@ -313,10 +298,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
+    from realnvp.allocator import keep_freed_memory, loaded_allocator
+
     if args.worker == "ceiling":
         # the rows' allocator setting, so that page faults cannot lower the ceiling either
-        from realnvp.allocator import keep_freed_memory
-
         keep_freed_memory()
         return conv_ceiling(args.device, args.quick)
     mode = set(args.worker.split("+"))
@@ -331,8 +316,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         return {"peak_rss_mib": round(peak_memory_mib(device), 1)}
 
     row: dict[str, Any] = {"mode": args.worker, "batch_size": args.batch_size,
-                           "threads": torch.get_num_threads(), "allocator": allocator(),
-                           "glibc_malloc_policy": malloc_policy(mode),
+                           "threads": torch.get_num_threads(), "allocator": loaded_allocator(),
+                           "malloc_policy": malloc_policy(mode),
                            "malloc_conf": os.environ.get("MALLOC_CONF")}
     meter = LoadMeter()
     start = time.perf_counter()
@@ -381,18 +366,15 @@ def run_worker(args: argparse.Namespace, name: str, batch_size: int,
     cmd += ["--threads", str(args.threads)] if args.threads else []
     env = dict(os.environ)
     if "jemalloc" in name.split("+"):
-        env["LD_PRELOAD"] = " ".join(filter(None, [find_jemalloc(), env.get("LD_PRELOAD")]))
-        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+        from realnvp.allocator import jemalloc_environment
+
+        env = jemalloc_environment(env)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         print(f"WARNING: worker {name} (batch {batch_size}) failed:\n{result.stderr[-3000:]}",
               file=sys.stderr)
         return None
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def find_jemalloc() -> str | None:
-    return next((p for p in JEMALLOC_PATHS if Path(p).exists()), None)
 
 
 def machine_info(device: str) -> dict[str, Any]:
@@ -503,9 +485,13 @@ def main(argv: list[str] | None = None) -> int:
                          "(tf32 on cuda only)")
         if len(set(m.split("+")) & MALLOC_OPTIONS.keys()) > 1:
             parser.error(f"bad mode {m!r}: at most one of {', '.join(sorted(MALLOC_OPTIONS))}")
-        if "jemalloc" in m and find_jemalloc() is None:
-            parser.error(f"mode {m!r} needs libjemalloc.so.2 (apt install libjemalloc2) in one "
-                         f"of {', '.join(JEMALLOC_PATHS)}")
+        if "jemalloc" in m:
+            from realnvp.allocator import jemalloc_environment
+
+            try:
+                jemalloc_environment()
+            except ValueError as error:
+                parser.error(f"mode {m!r}: {error}")
     if args.device == "cpu" and not Path("/proc/stat").exists():
         parser.error("load monitoring needs Linux /proc")
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import distributed
-from .allocator import keep_freed_memory
+from .allocator import keep_freed_memory, loaded_allocator, restart_with_jemalloc
 from .data import DATASETS, TOY_DATASETS, load_dataset
 from .distributed import pick_device
 from .evaluate import evaluate
@@ -189,6 +189,8 @@ def _train_configs(args: argparse.Namespace) -> tuple[RealNVPConfig, TrainConfig
 def cmd_train(args: argparse.Namespace) -> None:
     """Train on one process, or on every process torchrun starts (only rank 0 prints)."""
     model_config, train_config = _train_configs(args)
+    if train_config.malloc == "jemalloc":  # an allocator can only be chosen at process start
+        restart_with_jemalloc(args.argv)
     try:
         trainer = Trainer(model_config, train_config)
         main, world = trainer.dist.is_main, trainer.dist.world_size
@@ -201,6 +203,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"image {s.epoch_offset}{moved})")
         if main:
             print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
+            print(f"malloc: {train_config.malloc} (allocator in use: {loaded_allocator()})")
         if main and world > 1:
             sync = "synchronised" if trainer.sync_batchnorm else "per-process"
             print(f"{world} processes ({trainer.device.type}) × batch "
@@ -300,7 +303,9 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "demo": 
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for a restart with another allocator (cmd_train)
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     if args.command not in ("train", "demo"):  # those follow TrainConfig.malloc
         keep_freed_memory()

@@ -101,9 +101,11 @@ class TrainConfig:
     recompute_activations: bool | None = None  # s/t nets recompute BN → ReLU in backward:
                                     # a third less memory, 1–6 % slower; None: with memory_mode
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
-    malloc: str = "keep"            # glibc's malloc (realnvp.allocator): "keep" freed memory for
-                                    # reuse (no page faults per step), "release" it to the kernel
-                                    # (lowest peak memory, slower) or "system" defaults
+    malloc: str = "keep"            # CPU allocator (realnvp.allocator): glibc's malloc "keep"s
+                                    # freed memory for reuse (no page faults per step), "release"s
+                                    # it to the kernel (lowest peak, slower) or runs its "system"
+                                    # defaults; or "jemalloc" (low peak at full speed; the CLI
+                                    # restarts itself with it preloaded)
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
                                     # CPU 6 % slower, docs/benchmarks.md)
     tensorboard: bool = False

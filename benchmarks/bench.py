@@ -479,13 +479,14 @@ def main(argv: list[str] | None = None) -> int:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
-        unknown = set(m.split("+")) - OPTIONS
+        options = set(m.split("+"))
+        unknown = options - OPTIONS
         if unknown or ("tf32" in m and args.device != "cuda"):
             parser.error(f"bad mode {m!r}: options are {', '.join(sorted(OPTIONS))} "
                          "(tf32 on cuda only)")
-        if len(set(m.split("+")) & MALLOC_OPTIONS.keys()) > 1:
+        if len(options & MALLOC_OPTIONS.keys()) > 1:
             parser.error(f"bad mode {m!r}: at most one of {', '.join(sorted(MALLOC_OPTIONS))}")
-        if "jemalloc" in m:
+        if "jemalloc" in options:
             from realnvp.allocator import jemalloc_environment
 
             try:

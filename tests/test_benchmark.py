@@ -99,3 +99,24 @@ def test_in_step_timing_separates_operators_from_the_time_between_them(capsys):
     assert {"convolution, forward", "convolution, backward", "ReLU"} <= set(rows)
     assert rows["between the operators"] >= 200  # ms per step: the sleep
     assert 0 < rows["convolution, backward"] < 200
+
+
+def test_convolution_bound_times_every_convolution_of_the_model(capsys):
+    # profile_step.py --bound: the model's convolution shapes, each timed alone and counted per
+    # step, must add up to every convolution FLOP the flop counter finds in the model.
+    import bench
+    import profile_step
+    import torch
+
+    from realnvp import RealNVP
+
+    model = RealNVP.from_preset("cifar10", res_blocks=1, features=8).set_memory_format(
+        "channels_last")
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    gflop = bench.flop_per_image(model, torch.device("cpu")) / 1e9
+    seconds, flop = profile_step.print_convolution_bound(model, images, 4, gflop)
+    out = capsys.readouterr().out
+    assert seconds > 0
+    assert abs(flop - 3 * gflop * 1e9 * 4) <= 1e-9 * flop  # every convolution, fwd + 2 grads
+    # the checkerboard couplings at 32×32 and the channel-wise ones at 16×16 both appear
+    assert "| [4, 8, 32, 32] |" in out and "| [4, 16, 16, 16] |" in out

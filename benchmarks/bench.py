@@ -330,9 +330,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
     # The machine's speed drifts by several per cent over a run: the ceiling once more, right
     # after this row's training steps, in its precision and the faster (channels-last) layout.
-    precision = precision_of(args.worker)
-    row["ceiling_fwd_bwd_here"] = conv_ceiling(
-        args.device, args.quick, [precision], ("cl",), ("fwd_bwd",))[precision]["fwd_bwd"]
+    row["ceiling_fwd_bwd_here"] = ceiling_now(args.device, args.quick, precision_of(args.worker))
 
     model.eval()
 
@@ -393,6 +391,13 @@ def machine_info(device: str) -> dict[str, Any]:
     if out.returncode == 0:
         info.update(json.loads(out.stdout))
     return info
+
+
+def ceiling_now(device_name: str, quick: bool, precision: str) -> float:
+    """The forward+backward ceiling (GFLOP/s) of one precision, channels_last (the faster layout
+    here) only: a second measurement inside a run, against the machine's drift."""
+    return conv_ceiling(device_name, quick, [precision], ("cl",), ("fwd_bwd",))[precision][
+        "fwd_bwd"]
 
 
 def precision_of(mode: str) -> str:

@@ -61,7 +61,10 @@ def page_faults() -> tuple[str, list[int], list[int]]:
 def test_training_steps_reuse_freed_memory_without_page_faults():
     applied, default, kept = page_faults()
     assert applied == "True"
-    assert min(default) > 10_000, default  # the premise: glibc's defaults fault at every step
+    # the premise: glibc's defaults fault over 10,000 pages a step on average (not at every
+    # step: glibc raises its thresholds as it sees large frees; one CI run had 30,657, 30,657
+    # and 9,185)
+    assert sum(default) > 3 * 10_000, default
     # measured: kept is about 1 % of default on a quiet machine, 25–35 % with the 12,224
     # faults a step of another origin; keep must remove at least 10,000 faults a step on average
     assert sum(kept) < 0.5 * sum(default), (kept, default)

@@ -3,6 +3,7 @@
 
     python benchmarks/bench.py --preset cifar10 --batch-size 64 --json bench.json
     python benchmarks/bench.py --preset cifar10 --batch-size 64 --json q.json --quick
+    python benchmarks/bench.py --modes fp32,invertible --measure-max-batch --json m.json
 
 Every measurement runs in a fresh subprocess (``--worker``), so that peak memory of one mode
 never mixes with another's. A mode is a ``+``-joined list of options:
@@ -42,6 +43,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +433,74 @@ def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None
             row["max_batch_8gib"] = int((MEMORY_LIMIT_MIB - (p - slope * b)) / slope)
 
 
+def largest_fitting(points: list[tuple[int, float]], limit: float = MEMORY_LIMIT_MIB,
+                    tolerance: float = 0.03) -> tuple[tuple[int, float] | None, bool]:
+    """The largest measured (batch, peak MiB) that fits in ``limit``, and whether it settles
+    the question: its peak is within ``tolerance`` of the limit, or the batch one above it was
+    measured not to fit."""
+    fits = [pt for pt in sorted(points) if pt[1] <= limit]
+    if not fits:
+        return None, False
+    best = fits[-1]
+    over = {b for b, p in points if p > limit}
+    return best, best[1] >= (1 - tolerance) * limit or best[0] + 1 in over
+
+
+def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, float]],
+                     limit: float = MEMORY_LIMIT_MIB, tries: int = 3,
+                     tolerance: float = 0.03) -> list[tuple[int, float]]:
+    """Measure the largest batch whose training step peaks at most ``limit`` MiB.
+
+    ``points`` are measured (batch, peak MiB) pairs, at least two; ``peak_at(batch)`` measures
+    one more (``inf`` if the step failed, e.g. out of memory). Each try interpolates linearly
+    between the largest batch that fits and the smallest that does not (regula falsi), or
+    extrapolates from the two nearest points, aiming at ``(1 - tolerance / 2) · limit``; it
+    stops when :func:`largest_fitting` says the question is settled or after ``tries``
+    measurements. Returns every point, sorted.
+    """
+    points = sorted(points)
+    target = (1 - tolerance / 2) * limit
+    for _ in range(tries):
+        lo, settled = largest_fitting(points, limit, tolerance)
+        if settled:
+            break
+        hi = min((pt for pt in points if pt[1] > limit), default=None)
+        if lo and hi and hi[1] == float("inf"):  # the step failed there: bisect
+            batch = (lo[0] + hi[0]) // 2
+        else:
+            (b1, p1), (b2, p2) = (lo, hi) if lo and hi else points[-2:] if lo else points[:2]
+            if p2 <= p1:
+                break  # memory does not grow with the batch here: nothing to aim at
+            batch = int(b1 + (target - p1) * (b2 - b1) / (p2 - p1))
+        if lo and hi:
+            batch = min(max(batch, lo[0] + 1), hi[0] - 1)
+        batch = max(batch, 1)
+        if any(b == batch for b, _ in points):
+            break
+        points = sorted([*points, (batch, peak_at(batch))])
+    return points
+
+
+def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch: int) -> None:
+    """Add the measured largest batch in 8 GiB (search_max_batch on fresh memory-only
+    workers) to a row: ``max_batch_8gib_measured``, ``max_batch_8gib_settled`` (see
+    largest_fitting) and every (batch, peak MiB) pair, the row's two included, in
+    ``max_batch_8gib_points``."""
+    def peak_at(batch: int) -> float:
+        print(f"[{row['mode']}] peak memory at batch {batch}", file=sys.stderr)
+        measured = run_worker(args, row["mode"], batch, True)
+        return float("inf") if measured is None else measured["peak_rss_mib"]
+
+    points = search_max_batch(peak_at, [(half_batch, row["peak_rss_mib_half_batch"]),
+                                        (row["batch_size"], row["peak_rss_mib"])],
+                              tries=args.max_batch_tries)
+    best, settled = largest_fitting(points)
+    # a failed step's peak (inf) as null: JSON has no infinity
+    row["max_batch_8gib_points"] = [[b, p if p < float("inf") else None] for b, p in points]
+    row["max_batch_8gib_measured"] = best[0] if best else None
+    row["max_batch_8gib_settled"] = settled
+
+
 def fmt(value, digits: int = 1) -> str:
     if value is None:
         return "—"
@@ -439,9 +509,17 @@ def fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def max_batch(row: dict[str, Any]) -> str:
+    """The table's entry: the measured largest batch if there is one, else the estimate, with *."""
+    if row.get("max_batch_8gib_measured") is not None:  # ≥: the search stopped short of 8 GiB
+        prefix = "" if row["max_batch_8gib_settled"] else "≥"
+        return f"{prefix}{row['max_batch_8gib_measured']}"
+    return "—" if row["max_batch_8gib"] is None else f"{row['max_batch_8gib']}*"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| mode | train img/s | eval img/s | sample img/s | peak RSS MiB | GFLOP/img "
-            "| conv fraction (train) | same, ceiling at the row | max batch in 8 GiB* "
+            "| conv fraction (train) | same, ceiling at the row | max batch in 8 GiB "
             "| others' CPU |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
@@ -450,10 +528,21 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['mode']} | {fmt(r['train_img_s'], 2)} | {fmt(r['eval_img_s'], 2)} "
             f"| {fmt(r['sample_img_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
             f"| {fmt(r['gflop_per_img'], 2)} | {fmt(r['conv_fraction'], 2)} "
-            f"| {fmt(r.get('conv_fraction_here'), 2)} | {fmt(r['max_batch_8gib'])} "
+            f"| {fmt(r.get('conv_fraction_here'), 2)} | {max_batch(r)} "
             f"| {'—' if others is None else f'{100 * others:.0f}%'} |"
         )
     return "\n".join(lines)
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """Write the results atomically (a temporary file, then a rename), after every row: a run
+    stopped midway keeps what it measured, marked ``"complete": false``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,6 +563,11 @@ def main(argv: list[str] | None = None) -> int:
                              "this fraction of its CPUs")
     parser.add_argument("--wait-load", type=float, default=300,
                         help="seconds to wait for a quiet machine before each measurement")
+    parser.add_argument("--measure-max-batch", action="store_true",
+                        help="measure the largest batch in 8 GiB (peak memory of a training "
+                             "step at batches aimed at 8 GiB) instead of only extrapolating it")
+    parser.add_argument("--max-batch-tries", type=int, default=3,
+                        help="with --measure-max-batch: at most this many batches per mode")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -506,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick, "preset": args.preset, "batch_size": args.batch_size,
-        "load": {"per_measurement": []},
+        "load": {"per_measurement": []}, "complete": False, "rows": [],
     }
     load = result["load"]
 
@@ -526,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"3×3 conv ceiling {p}: {ceilings[p]['fwd']:.0f} GFLOP/s forward, "
                       f"{ceilings[p]['fwd_bwd']:.0f} forward+backward", file=sys.stderr)
 
-    rows = []
+    rows = result["rows"]
     half_batch = max(1, args.batch_size // 2)
     for mode in modes:
         quiet(mode)
@@ -535,11 +629,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         half = None if "compile" in mode else run_worker(args, mode, half_batch, True)
         add_derived(row, ceilings, half, half_batch)
+        if args.measure_max_batch and half is not None and row["max_batch_8gib"]:
+            measure_max_batch(args, row, half_batch)
         rows.append(row)
+        write_json(args.json, result)
         print(f"[{mode}] train {row['train_img_s']:.2f} img/s, peak {row['peak_rss_mib']:.0f} "
               f"MiB, others used {100 * (row['others_cpu'] or 0):.0f}% of the CPUs",
               file=sys.stderr)
-    result["rows"] = rows
     result["load"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     noisy = [r["mode"] for r in rows if (r.get("others_cpu") or 0) > args.max_busy]
     result["load"]["noisy_modes"] = noisy
@@ -551,11 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.preset}, batch {args.batch_size}, {result['machine'].get('cpu')}"
     if args.quick:
         title += " — QUICK RUN (tiny model): not results"
-    print(f"\n{title}\n\n{table(rows)}\n\n* extrapolated linearly from the peak memory at batch "
-          f"{args.batch_size} and {half_batch}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{title}\n\n{table(rows)}\n\nmax batch: measured where it has no *; "
+          f"* extrapolated linearly from the peak memory at batch {args.batch_size} and "
+          f"{half_batch}")
+    result["complete"] = True
+    write_json(args.json, result)
     return 0 if rows else 1
 
 

@@ -20,6 +20,7 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
         capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["complete"] and not out.with_name(out.name + ".partial").exists()
     for precision in ("fp32", "bf16"):
         assert 0 < result["ceilings"][precision]["fwd_bwd"] <= 2 * \
             result["ceilings"][precision]["fwd"]
@@ -120,3 +121,65 @@ def test_convolution_bound_times_every_convolution_of_the_model(capsys):
     assert abs(flop - 3 * gflop * 1e9 * 4) <= 1e-9 * flop  # every convolution, fwd + 2 grads
     # the checkerboard couplings at 32×32 and the channel-wise ones at 16×16 both appear
     assert "| [4, 8, 32, 32] |" in out and "| [4, 16, 16, 16] |" in out
+
+
+def test_max_batch_search_lands_just_under_the_limit():
+    import math
+
+    import bench
+
+    # a peak that grows faster than the line through batch 32 and 64 (allocator overhead):
+    # extrapolating alone overshoots, the search must come back under the limit
+    def peak(batch: int) -> float:
+        return 300 + 40 * batch + 0.02 * batch**2
+
+    calls = []
+
+    def peak_at(batch: int) -> float:
+        calls.append(batch)
+        return peak(batch)
+
+    limit = bench.MEMORY_LIMIT_MIB
+    line = bench.search_max_batch(lambda b: math.inf, [(32, peak(32)), (64, peak(64))], tries=0)
+    assert line == [(32, peak(32)), (64, peak(64))]  # no tries: nothing measured
+    points = bench.search_max_batch(peak_at, [(32, peak(32)), (64, peak(64))])
+    best, settled = bench.largest_fitting(points)
+    true_max = max(b for b in range(1, 1000) if peak(b) <= limit)
+    assert settled and best[1] <= limit and best[1] >= 0.97 * limit, points
+    assert true_max - best[0] <= 0.03 * true_max and len(calls) <= 3
+    extrapolated = 64 + (limit - peak(64)) * 32 / (peak(64) - peak(32))
+    assert extrapolated > true_max + 5  # the line alone would have claimed too much
+
+    # a step that fails (out of memory) above batch 150 is bisected, never counted as fitting
+    def failing(batch: int) -> float:
+        return math.inf if batch > 150 else 40 * batch
+
+    points = bench.search_max_batch(failing, [(32, 1280), (64, 2560)], tries=8)
+    best, settled = bench.largest_fitting(points)
+    assert best == (150, 6000) and settled, points  # 151 failed, 150 fit
+    # memory that does not grow: nothing to aim at, the search stops at once
+    assert bench.search_max_batch(peak_at, [(32, 900), (64, 900)]) == [(32, 900), (64, 900)]
+
+
+def test_measured_max_batch_goes_into_the_row_and_the_table(monkeypatch):
+    import argparse
+
+    import bench
+
+    def fake_worker(args, name, batch_size, memory_only=False):
+        assert memory_only and name == "fp32"
+        return None if batch_size > 180 else {"peak_rss_mib": 500.0 + 44 * batch_size}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    row = {"mode": "fp32", "batch_size": 64, "peak_rss_mib": 500.0 + 44 * 64,
+           "peak_rss_mib_half_batch": 500.0 + 44 * 32, "max_batch_8gib": 174}
+    bench.measure_max_batch(argparse.Namespace(max_batch_tries=3), row, 32)
+    fit = max(b for b in range(1000) if 500 + 44 * b <= bench.MEMORY_LIMIT_MIB)
+    measured = row["max_batch_8gib_measured"]  # aimed at 98.5 % of the limit: 172 of 174
+    assert 0.97 * fit <= measured <= fit and row["max_batch_8gib_settled"]
+    assert [64, 500.0 + 44 * 64] in row["max_batch_8gib_points"]
+    assert [measured, 500.0 + 44 * measured] in row["max_batch_8gib_points"]
+    assert bench.max_batch(row) == str(measured)
+    assert bench.max_batch({"max_batch_8gib": 174}) == "174*"  # extrapolated only
+    row["max_batch_8gib_settled"] = False
+    assert bench.max_batch(row) == f"≥{measured}"

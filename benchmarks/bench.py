@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -51,6 +52,7 @@ DEFAULT_MODES = ("fp32+malloc-trim,fp32+nchw+recompute,fp32,fp32+recompute,bf16,
                  "invertible+malloc-trim,invertible,checkpoint,invertible+jemalloc,"
                  "checkpoint+jemalloc,bf16+invertible+jemalloc,compile")
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
+MAX_BATCH_TOLERANCE = 0.03  # --measure-max-batch: a peak this close under the limit settles it
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
            "recompute", "malloc-trim", "malloc-release"}
 MALLOC_OPTIONS = {"malloc-trim": "system", "malloc-release": "release", "jemalloc": "jemalloc"}
@@ -426,15 +428,25 @@ def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None
     # optimizer state, the framework): two batch sizes fix the line.
     row["max_batch_8gib"] = None
     if half is not None:
-        b, p = row["batch_size"], row["peak_rss_mib"]
-        slope = (p - half["peak_rss_mib"]) / (b - half_batch)
         row["peak_rss_mib_half_batch"] = half["peak_rss_mib"]
-        if slope > 0:
-            row["max_batch_8gib"] = int((MEMORY_LIMIT_MIB - (p - slope * b)) / slope)
+        row["max_batch_8gib"] = batch_on_line((half_batch, half["peak_rss_mib"]),
+                                              (row["batch_size"], row["peak_rss_mib"]),
+                                              MEMORY_LIMIT_MIB)
+
+
+def batch_on_line(first: tuple[int, float], second: tuple[int, float],
+                  peak: float) -> int | None:
+    """The batch (rounded down) at which the straight line through two (batch, peak MiB)
+    points reaches ``peak``; None if the line does not rise."""
+    (b1, p1), (b2, p2) = first, second
+    if p2 <= p1:
+        return None
+    return int(b2 + (peak - p2) * (b2 - b1) / (p2 - p1))
 
 
 def largest_fitting(points: list[tuple[int, float]], limit: float = MEMORY_LIMIT_MIB,
-                    tolerance: float = 0.03) -> tuple[tuple[int, float] | None, bool]:
+                    tolerance: float = MAX_BATCH_TOLERANCE
+                    ) -> tuple[tuple[int, float] | None, bool]:
     """The largest measured (batch, peak MiB) that fits in ``limit``, and whether it settles
     the question: its peak is within ``tolerance`` of the limit, or the batch one above it was
     measured not to fit."""
@@ -448,7 +460,7 @@ def largest_fitting(points: list[tuple[int, float]], limit: float = MEMORY_LIMIT
 
 def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, float]],
                      limit: float = MEMORY_LIMIT_MIB, tries: int = 3,
-                     tolerance: float = 0.03) -> list[tuple[int, float]]:
+                     tolerance: float = MAX_BATCH_TOLERANCE) -> list[tuple[int, float]]:
     """Measure the largest batch whose training step peaks at most ``limit`` MiB.
 
     ``points`` are measured (batch, peak MiB) pairs, at least two; ``peak_at(batch)`` measures
@@ -465,13 +477,13 @@ def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, fl
         if settled:
             break
         hi = min((pt for pt in points if pt[1] > limit), default=None)
-        if lo and hi and hi[1] == float("inf"):  # the step failed there: bisect
+        if lo and hi and hi[1] == math.inf:  # the step failed there: bisect
             batch = (lo[0] + hi[0]) // 2
         else:
-            (b1, p1), (b2, p2) = (lo, hi) if lo and hi else points[-2:] if lo else points[:2]
-            if p2 <= p1:
+            batch = batch_on_line(*((lo, hi) if lo and hi else points[-2:] if lo
+                                    else points[:2]), target)
+            if batch is None:
                 break  # memory does not grow with the batch here: nothing to aim at
-            batch = int(b1 + (target - p1) * (b2 - b1) / (p2 - p1))
         if lo and hi:
             batch = min(max(batch, lo[0] + 1), hi[0] - 1)
         batch = max(batch, 1)
@@ -489,14 +501,14 @@ def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch:
     def peak_at(batch: int) -> float:
         print(f"[{row['mode']}] peak memory at batch {batch}", file=sys.stderr)
         measured = run_worker(args, row["mode"], batch, True)
-        return float("inf") if measured is None else measured["peak_rss_mib"]
+        return math.inf if measured is None else measured["peak_rss_mib"]
 
     points = search_max_batch(peak_at, [(half_batch, row["peak_rss_mib_half_batch"]),
                                         (row["batch_size"], row["peak_rss_mib"])],
                               tries=args.max_batch_tries)
     best, settled = largest_fitting(points)
     # a failed step's peak (inf) as null: JSON has no infinity
-    row["max_batch_8gib_points"] = [[b, p if p < float("inf") else None] for b, p in points]
+    row["max_batch_8gib_points"] = [[b, p if p < math.inf else None] for b, p in points]
     row["max_batch_8gib_measured"] = best[0] if best else None
     row["max_batch_8gib_settled"] = settled
 

@@ -460,7 +460,8 @@ def largest_fitting(points: list[tuple[int, float]], limit: float = MEMORY_LIMIT
 
 def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, float]],
                      limit: float = MEMORY_LIMIT_MIB, tries: int = 3,
-                     tolerance: float = MAX_BATCH_TOLERANCE) -> list[tuple[int, float]]:
+                     tolerance: float = MAX_BATCH_TOLERANCE,
+                     first: int | None = None) -> list[tuple[int, float]]:
     """Measure the largest batch whose training step peaks at most ``limit`` MiB.
 
     ``points`` are measured (batch, peak MiB) pairs, at least two; ``peak_at(batch)`` measures
@@ -468,16 +469,20 @@ def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, fl
     between the largest batch that fits and the smallest that does not (regula falsi), or
     extrapolates from the two nearest points, aiming at ``(1 - tolerance / 2) · limit``; it
     stops when :func:`largest_fitting` says the question is settled or after ``tries``
-    measurements. Returns every point, sorted.
+    measurements. ``first``, if given, is the first batch measured instead of the line's (a
+    guess from an earlier run: the line through two small batches can be far off when the
+    allocator's overhead dominates their peaks). Returns every point, sorted.
     """
     points = sorted(points)
     target = (1 - tolerance / 2) * limit
-    for _ in range(tries):
+    for attempt in range(tries):
         lo, settled = largest_fitting(points, limit, tolerance)
         if settled:
             break
         hi = min((pt for pt in points if pt[1] > limit), default=None)
-        if lo and hi and hi[1] == math.inf:  # the step failed there: bisect
+        if attempt == 0 and first is not None:
+            batch = first
+        elif lo and hi and hi[1] == math.inf:  # the step failed there: bisect
             batch = (lo[0] + hi[0]) // 2
         else:
             batch = batch_on_line(*((lo, hi) if lo and hi else points[-2:] if lo
@@ -505,7 +510,7 @@ def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch:
 
     points = search_max_batch(peak_at, [(half_batch, row["peak_rss_mib_half_batch"]),
                                         (row["batch_size"], row["peak_rss_mib"])],
-                              tries=args.max_batch_tries)
+                              tries=args.max_batch_tries, first=args.max_batch_first)
     best, settled = largest_fitting(points)
     # a failed step's peak (inf) as null: JSON has no infinity
     row["max_batch_8gib_points"] = [[b, p if p < math.inf else None] for b, p in points]
@@ -580,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
                              "step at batches aimed at 8 GiB) instead of only extrapolating it")
     parser.add_argument("--max-batch-tries", type=int, default=3,
                         help="with --measure-max-batch: at most this many batches per mode")
+    parser.add_argument("--max-batch-first", type=int, default=None,
+                        help="with --measure-max-batch: the first batch to measure (every "
+                             "mode), e.g. from an earlier run, instead of the line through "
+                             "the row's two batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

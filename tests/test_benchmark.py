@@ -160,6 +160,13 @@ def test_max_batch_search_lands_just_under_the_limit():
     # memory that does not grow: nothing to aim at, the search stops at once
     assert bench.search_max_batch(peak_at, [(32, 900), (64, 900)]) == [(32, 900), (64, 900)]
 
+    # a first guess replaces the line's first try; the next tries go on from it
+    calls.clear()
+    points = bench.search_max_batch(peak_at, [(32, peak(32)), (64, peak(64))], first=100)
+    best, settled = bench.largest_fitting(points)
+    assert calls[0] == 100 and (100, peak(100)) in points and len(calls) <= 3
+    assert settled and true_max - best[0] <= 0.03 * true_max, points
+
 
 def test_measured_max_batch_goes_into_the_row_and_the_table(monkeypatch):
     import argparse
@@ -173,7 +180,7 @@ def test_measured_max_batch_goes_into_the_row_and_the_table(monkeypatch):
     monkeypatch.setattr(bench, "run_worker", fake_worker)
     row = {"mode": "fp32", "batch_size": 64, "peak_rss_mib": 500.0 + 44 * 64,
            "peak_rss_mib_half_batch": 500.0 + 44 * 32, "max_batch_8gib": 174}
-    bench.measure_max_batch(argparse.Namespace(max_batch_tries=3), row, 32)
+    bench.measure_max_batch(argparse.Namespace(max_batch_tries=3, max_batch_first=None), row, 32)
     fit = max(b for b in range(1000) if 500 + 44 * b <= bench.MEMORY_LIMIT_MIB)
     measured = row["max_batch_8gib_measured"]  # aimed at 98.5 % of the limit: 172 of 174
     assert 0.97 * fit <= measured <= fit and row["max_batch_8gib_settled"]

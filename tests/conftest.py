@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from realnvp import BatchNormFlow, RealNVP, RealNVPConfig
 
@@ -64,6 +65,17 @@ def calibrate(model: RealNVP, x: torch.Tensor) -> RealNVP:
     for m, momentum in saved.items():
         m.momentum = momentum
     return model.eval()
+
+
+class CountHostSyncs(TorchDispatchMode):
+    """Counts the operators that make the host wait for the device's result
+    (``_local_scalar_dense``: .item(), bool() and float() of a tensor; ``is_nonzero``)."""
+
+    syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.syncs += func.overloadpacket.__name__ in ("_local_scalar_dense", "is_nonzero")
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)

@@ -123,6 +123,23 @@ def test_convolution_bound_times_every_convolution_of_the_model(capsys):
     assert "| [4, 8, 32, 32] |" in out and "| [4, 16, 16, 16] |" in out
 
 
+def test_benchmark_training_step_never_waits_for_the_device():
+    import bench
+    import torch
+    from conftest import CountHostSyncs
+
+    model, loss_fn, optimizer = bench.build("cifar10", {"fp32"}, torch.device("cpu"), quick=True)
+    step = bench.make_train_step(model, loss_fn, optimizer)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    model.train()
+    before = [p.detach().clone() for p in model.parameters()]
+    step(images)  # Adam's state is created here
+    with CountHostSyncs() as counter:
+        loss = step(images)
+    assert counter.syncs == 0 and torch.isfinite(loss)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
 def test_max_batch_search_lands_just_under_the_limit():
     import math
 

@@ -185,3 +185,38 @@ def test_conditional_network_needs_cond():
     perturb(layer, scale=0.1).eval()
     c1, c2 = torch.eye(3)[[0, 1]], torch.eye(3)[[2, 2]]
     assert not torch.allclose(layer(x, c1)[0], layer(x, c2)[0])
+
+
+def test_masks_are_built_once_per_size(monkeypatch):
+    """Training, evaluation and sampling reuse each checkerboard mask; a new image size (the
+    fully convolutional model sampled at 2×) builds its own once."""
+    import realnvp.coupling as coupling
+    from conftest import small_image_model
+
+    built = []
+    real = coupling.checkerboard_mask
+
+    def counting(*args, **kwargs):
+        built.append(args[:2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coupling, "checkerboard_mask", counting)
+    model = small_image_model(shape=(3, 8, 8))
+    x = torch.rand(4, 3, 8, 8)
+    model.train()
+    model.log_prob(x).mean().backward()
+    first = len(built)
+    assert first > 0 and set(built) <= {(8, 8), (4, 4)}
+    model.log_prob(x).mean().backward()
+    model.eval()
+    with torch.inference_mode():
+        model.log_prob(x)
+        model.sample(2)
+    assert len(built) == first  # nothing rebuilt
+    with torch.inference_mode():
+        model.sample(2, shape=(16, 16))
+    assert len(built) > first and (16, 16) in built
+    again = len(built)
+    with torch.inference_mode():
+        model.sample(2, shape=(16, 16))
+    assert len(built) == again

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CountHostSyncs
 from PIL import Image
 
 from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize
@@ -127,8 +128,47 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     assert trainer.state.nonfinite_steps == 4
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), params))
     assert all(torch.equal(b, stats[n]) for n, b in trainer.model.named_buffers())
+    # counted on the device, read at the loop's syncs (here the checkpoints, every 2 steps)
     log = (tmp_path / "metrics.jsonl").read_text()
-    assert '"skipped_nonfinite": 3' in log
+    assert '"skipped_nonfinite": 2' in log and '"skipped_nonfinite": 4' in log
+
+
+def test_training_step_never_waits_for_the_device(tmp_path):
+    """No host sync in a step, taken or skipped, and a skipped step leaves the parameters, Adam's
+    moments and step counts and the batch-norm buffers exactly as they were."""
+    trainer = make_trainer(tmp_path)
+    images, labels = trainer.next_batch()
+    trainer.training_step(images, labels, 1e-3)  # Adam's state exists from here on
+
+    def state():
+        return ([p.detach().clone() for p in trainer.model.parameters()]
+                + [b.clone() for b in trainer.model.buffers()]
+                + [v.clone() for s in trainer.optimizer.state.values() for v in s.values()])
+
+    before = state()
+    poisoned = next(trainer.model.parameters())
+    with torch.no_grad():
+        saved = poisoned.clone()
+        poisoned.view(-1)[0] = float("nan")  # a NaN loss and NaN gradients
+        before[0] = poisoned.detach().clone()
+    with CountHostSyncs() as counter:
+        _, skipped = trainer.training_step(images, labels, 1e-3)
+    assert counter.syncs == 0 and bool(skipped)
+    after = state()
+    # equal, the one NaN included (torch.equal counts NaN as different from itself)
+    assert all(torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+               for a, b in zip(after, before))
+    with torch.no_grad():
+        poisoned.copy_(saved)
+    before = state()
+    with CountHostSyncs() as counter:
+        _, skipped = trainer.training_step(images, labels, 1e-3)
+    assert counter.syncs == 0 and not bool(skipped)
+    after = state()
+    changed = [not torch.equal(a, b) for a, b in zip(after, before)]
+    n_params = len(list(trainer.model.parameters()))
+    assert all(changed[:n_params])  # every parameter moved (Adam: lr-sized steps)
+    assert any(changed[n_params:])  # running averages and Adam's state too
 
 
 def test_training_on_real_mnist_learns(tmp_path, shared_data):

@@ -4,7 +4,9 @@ Recipe (SPEC section 3): Adam (lr 1e-3, betas 0.9/0.999), batch 64, loss = mean 
 batch in train mode + 5e-5 · Σ v² over the weight-norm magnitudes and tanh scales, global
 gradient-norm clipping at 100. A step whose loss or gradient norm is not finite is skipped
 (parameters, optimiser and batch-norm statistics untouched) and counted; more than
-``max_nonfinite`` of them abort the run.
+``max_nonfinite`` of them abort the run. The skip is decided on the device, so a step never
+waits for it (no host sync); the count is read where the loop reads the device anyway (every
+``log_every`` steps and before evaluating or saving).
 
 Run directory::
 
@@ -310,6 +312,31 @@ def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
                **{no_broadcast: False})
 
 
+
+class BufferSnapshot:
+    """Buffers (batch-norm running averages and counters) saved before a training step and
+    put back after it where a device-side flag says so: a few kernels whatever the number of
+    buffers (560 in the ``cifar10`` model), and nothing that waits for the device."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self.views: dict[torch.dtype, list[torch.Tensor]] = {}  # 1-D views, per dtype
+        for buffer in buffers:
+            self.views.setdefault(buffer.dtype, []).append(buffer.view(-1))
+        self.saved: dict[torch.dtype, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def save(self) -> None:
+        self.saved = {dtype: torch.cat(views) for dtype, views in self.views.items()}
+
+    @torch.no_grad()
+    def restore_where(self, flag: torch.Tensor) -> None:
+        """Where ``flag`` (a boolean tensor) is true, every buffer gets its saved value back
+        (torch.where, not arithmetic: the values to replace may be NaN)."""
+        for dtype, views in self.views.items():
+            kept = torch.where(flag, self.saved[dtype], torch.cat(views))
+            torch._foreach_copy_(views, list(kept.split([v.numel() for v in views])))
+
+
 class Trainer:
     """One run: builds or resumes everything from ``run_dir``, then :meth:`run` trains.
 
@@ -378,8 +405,7 @@ class Trainer:
         self.objective: nn.Module = Objective(self.model, train.l2)
         # running statistics restored after a skipped step (found once: load_state_dict and
         # the optimiser update tensors in place)
-        self.bn_buffers = batchnorm_buffers(self.model)
-        self.bn_saved = [b.clone() for b in self.bn_buffers]  # reused at every step
+        self.bn_snapshot = BufferSnapshot(batchnorm_buffers(self.model))
         if self.dist.enabled:
             self.objective = _data_parallel(self.objective, self.device)
         if train.compile:  # around DDP, so that DDP's hooks split the graph at its buckets
@@ -427,15 +453,13 @@ class Trainer:
         return images, labels
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float
-                      ) -> tuple[torch.Tensor, bool]:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimiser step on a uint8 image batch (or float vectors); returns (the mean train
-        bits/dim, or nats for vectors, and whether the step was taken). With several processes
-        the bits/dim is the mean over the global batch and every process takes the same
-        decision."""
+        bits/dim, or nats for vectors, and whether the step was skipped: a boolean tensor on
+        the device). With several processes the bits/dim is the mean over the global batch and
+        every process takes the same decision. Nothing here waits for the device."""
         model, opt, train = self.model, self.optimizer, self.train_config
-        with torch.no_grad():
-            for saved, buffer in zip(self.bn_saved, self.bn_buffers):
-                saved.copy_(buffer)
+        self.bn_snapshot.save()
         cond = labels if model.config.num_classes else None
         if model.config.is_image:
             x = dequantize(images, generator=self.generators["noise"])
@@ -449,16 +473,34 @@ class Trainer:
             both = torch.stack([loss.detach(), bpd.detach()])
             dist.all_reduce(both)
             loss, bpd = both / self.dist.world_size
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            with torch.no_grad():  # undo the batch-norm update of the bad forward pass
-                for buffer, saved in zip(self.bn_buffers, self.bn_saved):
-                    buffer.copy_(saved)
-            opt.zero_grad(set_to_none=True)
-            return bpd.detach(), False
+        skipped = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.bn_snapshot.restore_where(skipped)  # undo a bad forward pass's batch-norm update
         for group in opt.param_groups:
             group["lr"] = lr
+        # Fused Adam leaves parameters, moments and step counts as they are where found_inf
+        # is 1: the mechanism torch.amp.GradScaler uses, read by the kernel on the device.
+        opt.found_inf = skipped.to(torch.float32)
         opt.step()
-        return bpd.detach(), True
+        return bpd.detach(), skipped
+
+    def _count_skipped(self, skipped: torch.Tensor) -> None:
+        """Add the device's count of skipped steps since the last call to the run state (a
+        host sync, made only where the loop syncs anyway), log it, and stop the run if there
+        are more than ``max_nonfinite``."""
+        state, limit = self.state, self.train_config.max_nonfinite
+        new = int(skipped)
+        if not new:
+            return
+        skipped.zero_()
+        state.nonfinite_steps += new
+        self.log({"step": state.step, "skipped_nonfinite": state.nonfinite_steps})
+        if state.nonfinite_steps > limit:
+            raise FloatingPointError(
+                f"{state.nonfinite_steps} training steps had a non-finite loss or "
+                f"gradient (limit {limit}); stopping. The last good "
+                f"checkpoint is {latest_checkpoint(self.run_dir)}. Try a lower "
+                "learning rate or a warm-up (--warmup-steps)."
+            )
 
     def _agree_on_running_stats(self) -> None:
         """Without synchronised batch norm, each process's running averages follow its own
@@ -525,33 +567,28 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=state.step, disable=not (t.progress and main),
                    unit="step", dynamic_ncols=True)
         images_seen, clock = 0, time.perf_counter()
+        skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         while state.step < t.steps:
             images, labels = self.next_batch()
             lr = learning_rate(t, state.step)
-            bpd, taken = self.training_step(images, labels, lr)
+            bpd, skipped_now = self.training_step(images, labels, lr)
+            skipped += skipped_now
             state.step += 1
             images_seen += self.global_batch_size
-            if not taken:
-                state.nonfinite_steps += 1
-                self.log({"step": state.step, "skipped_nonfinite": state.nonfinite_steps})
-                if state.nonfinite_steps > t.max_nonfinite:
-                    raise FloatingPointError(
-                        f"{state.nonfinite_steps} training steps had a non-finite loss or "
-                        f"gradient (limit {t.max_nonfinite}); stopping. The last good "
-                        f"checkpoint is {latest_checkpoint(self.run_dir)}. Try a lower "
-                        "learning rate or a warm-up (--warmup-steps)."
-                    )
-            if state.step % t.log_every == 0 or state.step == t.steps:
-                rate = images_seen / (time.perf_counter() - clock)
-                images_seen, clock = 0, time.perf_counter()
-                train_bpd = bpd.item()  # the only host sync of the loop, every log_every steps
-                bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.1f}")
-                self.log({"step": state.step, "train_bpd": train_bpd, "img_per_s": rate,
-                          "lr": lr})
             last = state.step == t.steps
+            log_now = state.step % t.log_every == 0 or last
             evaluate_now = state.step % t.eval_every == 0 or last
             sample_now = (state.step % t.sample_every == 0 or last) and model.config.is_image
             checkpoint_now = state.step % t.checkpoint_every == 0 or last
+            if log_now or evaluate_now or sample_now or checkpoint_now:
+                self._count_skipped(skipped)  # the loop's host syncs: here and below only
+            if log_now:
+                rate = images_seen / (time.perf_counter() - clock)
+                images_seen, clock = 0, time.perf_counter()
+                train_bpd = bpd.item()
+                bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.1f}")
+                self.log({"step": state.step, "train_bpd": train_bpd, "img_per_s": rate,
+                          "lr": lr})
             if evaluate_now or sample_now or checkpoint_now:
                 self._agree_on_running_stats()
             if evaluate_now:  # every process evaluates its shard

@@ -6,8 +6,9 @@
 Runs from a checkout without installing it (``src`` goes on ``sys.path``), under whatever
 PyTorch the machine has. First the correctness checks that the CPU test suite makes, on the
 device, each printed with its measured error and bound: bf16 against fp32 bits/dim, the
-exactness of decode(encode(x)), BN → ReLU recomputation against storing, and ordinary and
-memory-saving backpropagation in float32 against ordinary backpropagation in float64. Then
+exactness of decode(encode(x)), BN → ReLU recomputation against storing, ordinary and
+memory-saving backpropagation in float32 against ordinary backpropagation in float64, and (on
+CUDA) that the trainer's steps never make the host wait for the GPU. Then
 ``benchmarks/bench.py`` on the device, whose JSON and table go to ``--out``. Exit status 1 if
 a check failed (the table is still measured).
 """
@@ -106,7 +107,41 @@ def checks(preset: str, device: torch.device, quick: bool) -> list[tuple[str, fl
         grads = [g.double() for g in gradients(model, small, mode, recompute=True)]
         results.append((f"memory mode {mode} (fp32) vs float64, worst relative gradient error",
                         worst_relative_error(grads, exact), max(1e-3, 2 * ordinary)))
+    if device.type == "cuda":
+        results.append(("host syncs in 3 of the trainer's steps (next batch and step)",
+                        trainer_step_syncs(device), 0))
     return results
+
+
+def trainer_step_syncs(device: torch.device) -> int:
+    """How many of 3 training steps of realnvp.train.Trainer (on the bundled MNIST digits)
+    made the host wait for the GPU: ``torch.cuda.set_sync_debug_mode("error")`` raises at the
+    first synchronising call, so this is 0 or the step at which it happened."""
+    import tempfile
+
+    from realnvp import RealNVPConfig
+    from realnvp.train import TrainConfig, Trainer
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1,
+                                        features=8),
+                          TrainConfig(run_dir=run_dir, batch_size=16, device=str(device),
+                                      progress=False))
+        trainer.model.train()
+        trainer.training_step(*trainer.next_batch(), 1e-3)  # Adam's state, cuDNN's choices
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        step = 0
+        try:
+            while step < 3:
+                step += 1
+                trainer.training_step(*trainer.next_batch(), 1e-3)
+        except RuntimeError as error:
+            print(f"  step {step} synchronised: {error}", flush=True)
+            return step
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return 0
 
 
 def main() -> int:

@@ -190,8 +190,9 @@ def test_conditional_network_needs_cond():
 def test_masks_are_built_once_per_size(monkeypatch):
     """Training, evaluation and sampling reuse each checkerboard mask; a new image size (the
     fully convolutional model sampled at 2×) builds its own once."""
-    import realnvp.coupling as coupling
     from conftest import small_image_model
+
+    import realnvp.coupling as coupling
 
     built = []
     real = coupling.checkerboard_mask

@@ -313,6 +313,17 @@ def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 
+
+def to_device(batch: Tensor, device: torch.device) -> Tensor:
+    """A CPU batch on ``device``. To a GPU from page-locked memory and without blocking: an
+    ordinary copy from pageable memory waits for the stream to finish, a host sync at every
+    step. (``pin_memory`` copies the batch into memory from PyTorch's caching host allocator,
+    which does not hand it out again before the copy has finished.)"""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 class BufferSnapshot:
     """Buffers (batch-norm running averages and counters) saved before a training step and
     put back after it where a device-side flag says so: a few kernels whatever the number of
@@ -448,9 +459,8 @@ class Trainer:
             ctx.rank, ctx.world_size)
         images, labels = self.train_set.get_batch(index)
         images = self.train_set.train_transform(images, self.generators["augment"])
-        images = images.to(self.device)
-        labels = labels.to(self.device) if labels is not None else None
-        return images, labels
+        return to_device(images, self.device), (None if labels is None
+                                                else to_device(labels, self.device))
 
     def training_step(self, images: torch.Tensor, labels: torch.Tensor | None, lr: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -312,8 +312,6 @@ def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
                **{no_broadcast: False})
 
 
-
-
 def to_device(batch: Tensor, device: torch.device) -> Tensor:
     """A CPU batch on ``device``. To a GPU from page-locked memory and without blocking: an
     ordinary copy from pageable memory waits for the stream to finish, a host sync at every

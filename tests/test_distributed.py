@@ -293,3 +293,41 @@ def test_resume_across_world_sizes(tmp_path, one_thread_env):
             assert not torch.equal(value, second["state_dict"][name]), name
     assert json.loads((out / "writes-1.json").read_text()) == []  # rank 1 wrote nothing
     assert json.loads((out / "writes-0.json").read_text())
+
+
+def _nan_on_rank_one_worker(rank: int, world: int, run_dir: Path, out: Path) -> None:
+    """Step 2 of 3 gets a NaN batch on rank 1 only."""
+    real = realnvp.train.dequantize
+    calls = [0]
+
+    def dequantize(x, generator=None):
+        calls[0] += 1
+        y = real(x, generator=generator)
+        return torch.full_like(y, float("nan")) if rank == 1 and calls[0] == 2 else y
+
+    realnvp.train.dequantize = dequantize
+    # unsynchronised batch norm: rank 0's own loss stays finite, only the averages are NaN
+    trainer = Trainer(MODEL, step_config(run_dir, 8, sync_batchnorm=False))
+    states = []
+    for _ in range(3):
+        images, labels = trainer.next_batch()
+        trainer.training_step(images, labels, 1e-3)
+        states.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+    torch.save(states, out / f"states-{rank}.pt")
+
+
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, one_thread_env):
+    """The loss and the gradients are averaged over the processes before the skip is decided
+    (on the device), so one rank's NaN makes every rank skip that step, its own batch-norm
+    statistics included, and the ranks' parameters stay identical."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn(_nan_on_rank_one_worker, 2, tmp_path / "run", out)
+    ranks = [torch.load(out / f"states-{r}.pt") for r in range(2)]
+    for r in range(2):
+        after_1, after_2, after_3 = ranks[r]
+        assert all(torch.equal(after_2[k], v) for k, v in after_1.items())  # skipped
+        assert any(not torch.equal(after_3[k], v) for k, v in after_2.items())  # trained on
+    names = {name for name, _ in realnvp.model.RealNVP(MODEL).named_parameters()}
+    for k in names:  # the same parameters on both ranks (running statistics are per rank)
+        assert torch.equal(ranks[0][2][k], ranks[1][2][k]), k

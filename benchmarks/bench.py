@@ -554,12 +554,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 def write_json(path: Path | None, result: dict[str, Any]) -> None:
     """Write the results atomically (a temporary file, then a rename), after every row: a run
     stopped midway keeps what it measured, marked ``"complete": false``."""
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(partial, path)
+    from realnvp.checkpoint import atomic_write_text
+
+    if path is not None:
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

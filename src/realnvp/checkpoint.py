@@ -1,17 +1,19 @@
 """Files on disk: atomic writes, and loads that never unpickle arbitrary objects.
 
-Everything is written with ``torch.save`` to a temporary file in the same folder, flushed to
-disk and renamed over the destination, so a crash mid-write never leaves a half-written file
-under the real name. Loads use ``torch.load(weights_only=True)``, which only rebuilds tensors
-and plain containers, and turn every failure into a :class:`CheckpointError` naming the file.
+Everything (``torch.save`` payloads, a run's config, the benchmark's JSON) is written to a
+temporary file in the same folder, flushed to disk and renamed over the destination, so a crash
+mid-write never leaves a half-written file under the real name. Loads use
+``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers, and turn
+every failure into a :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -20,20 +22,33 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that is missing, truncated, corrupt or from another model."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj, path)`` via a temporary file and an atomic rename."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, then an atomic rename onto it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` via a temporary file and an atomic rename."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``path.write_text(text)`` (UTF-8) via a temporary file and an atomic rename."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def safe_load(path: str | Path, kind: str | tuple[str, ...],

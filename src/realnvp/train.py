@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .allocator import set_malloc_policy
-from .checkpoint import CheckpointError, atomic_save, safe_load
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
 from .data import ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
 from .evaluate import evaluate
@@ -157,12 +157,8 @@ def write_config(path: Path, model: RealNVPConfig, train: TrainConfig) -> None:
     # checkout under another Python that has PyTorch but not this writer (a lent GPU machine)
     import tomli_w
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = tomli_w.dumps({"model": _toml_ready(model.to_dict()),
-                          "train": _toml_ready(train.to_dict())})
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_text(path, tomli_w.dumps({"model": _toml_ready(model.to_dict()),
+                                           "train": _toml_ready(train.to_dict())}))
 
 
 def read_config(path: str | Path) -> tuple[RealNVPConfig, TrainConfig]:

@@ -596,3 +596,36 @@ def test_toy_shapes_of_distributions() -> None:
     inner = np.abs(np.linalg.norm(x - [1.0, 0.5], axis=1) - 1) + np.maximum(x[:, 1] - 0.5, 0)
     assert np.minimum(outer, inner).max() < 0.3
     assert abs((outer < inner).mean() - 0.5) < 0.02
+
+
+def test_folder_refuses_16_bit_images_and_follows_links(tmp_path: Path) -> None:
+    deep = tmp_path / "deep"
+    write_png(deep / "a.png", np.zeros((4, 4), np.uint8))
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(deep / "b.png")  # mode I;16
+    with pytest.raises(DatasetError, match="b.png: image mode I;16 does not hold 8-bit"):
+        load_dataset("folder", deep, "train", valid_size=0)
+    # a linked folder is listed like a real one, and a link loop does not recurse
+    real = tmp_path / "real"
+    for i in range(3):
+        write_png(real / "cats" / f"{i}.png", np.full((4, 4), i, np.uint8))
+    top = tmp_path / "top"
+    write_png(top / "x.png", np.zeros((4, 4), np.uint8))
+    (top / "cats").symlink_to(real / "cats", target_is_directory=True)
+    (real / "cats" / "loop").symlink_to(real / "cats", target_is_directory=True)
+    dataset = load_dataset("folder", top, "train", valid_size=0)
+    assert dataset.files == ["cats/0.png", "cats/1.png", "cats/2.png", "x.png"]
+    assert dataset.image_shape == (1, 4, 4)
+
+
+def test_decoded_images_are_cached_only_where_they_fit(tmp_path: Path, monkeypatch) -> None:
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", np.full((4, 4), i, np.uint8))
+    dataset = load_dataset("folder", tmp_path, "train", valid_size=0)
+    assert dataset.cache  # 4 × 16 bytes
+    dataset.get_batch(torch.arange(4))
+    assert len(dataset._cache) == 4
+    monkeypatch.setattr("realnvp.data.base.cache_limit_bytes", lambda: 4 * 16 - 1)
+    dataset = load_dataset("folder", tmp_path, "train", valid_size=0)
+    assert not dataset.cache
+    pixels, _ = dataset.get_batch(torch.arange(4))
+    assert len(dataset._cache) == 0 and pixels[:, 0, 0, 0].tolist() == [0, 1, 2, 3]

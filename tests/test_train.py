@@ -12,14 +12,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CountHostSyncs
 from PIL import Image
 
-from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize
+from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize, distributed
+from realnvp.cli import _train_configs, build_parser
 from realnvp.cli import main as cli_main
-from realnvp.data import load_dataset
+from realnvp.data import DatasetError, load_dataset
 from realnvp.evaluate import evaluate
 from realnvp.model import inference_precision
 from realnvp.train import (
@@ -267,3 +269,208 @@ def test_compiled_training_matches_eager(tmp_path):
     assert abs(eager_loss - compiled_loss) < 1e-5
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6)
                for a, b in zip(compiled_grads, eager_grads))
+
+
+def test_eval_scores_the_runs_own_validation_slice(tmp_path, monkeypatch):
+    """`realnvp eval --split valid` cuts the validation slice with the run's seed and
+    valid_size, whether given the run directory, a checkpoint inside it or a copy elsewhere."""
+    run = tmp_path / "run"
+    make_trainer(run, steps=2, seed=3, valid_size=200).run()
+    train_items = set(load_dataset("mnist-t10k", DEMO_DATA, "train", seed=3,
+                                   valid_size=200).source_indices.tolist())
+    valid_items = load_dataset("mnist-t10k", DEMO_DATA, "valid", seed=3,
+                               valid_size=200).source_indices.tolist()
+    scored = []
+    monkeypatch.setattr("realnvp.cli.evaluate", lambda model, dataset, **kw: scored.append(
+        dataset.source_indices.tolist()) or evaluate(model, dataset, **{**kw, "max_images": 8}))
+    copy = tmp_path / "elsewhere.pt"
+    copy.write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    for checkpoint in (run, run / "checkpoints" / "best.pt", copy):
+        for split in ("valid", "test"):  # mnist-t10k's test split is the same slice
+            cli_main(["eval", "--checkpoint", str(checkpoint), "--dataset", "mnist-t10k",
+                      "--data-dir", str(DEMO_DATA), "--split", split, "--precision", "fp32"])
+            assert scored[-1] == valid_items, (checkpoint, split)
+            assert not train_items & set(scored[-1])
+    cli_main(["eval", "--checkpoint", str(run), "--dataset", "mnist-t10k", "--data-dir",
+              str(DEMO_DATA), "--split", "valid", "--split-seed", "0", "--valid-size", "100"])
+    assert scored[-1] == load_dataset("mnist-t10k", DEMO_DATA, "valid", seed=0,
+                                      valid_size=100).source_indices.tolist()
+
+
+def test_partial_config_file_overrides_only_what_it_sets(tmp_path):
+    """A --config file with a few keys changes those keys only: the preset stays below it on a
+    new run, and the run's own configuration below it on resume."""
+    partial = tmp_path / "partial.toml"
+    partial.write_text("[model]\nfeatures = 8\nres_blocks = 1\nscales = 2\n[train]\nsteps = 3\n")
+    args = build_parser().parse_args(["train", "--preset", "mnist", "--config", str(partial),
+                                      "--run-dir", str(tmp_path / "new")])
+    model, train = _train_configs(args)
+    assert model.input_shape == (1, 28, 28) and model.features == 8 and model.scales == 2
+    assert train.steps == 3 and train.batch_size == TrainConfig.batch_size
+
+    run = tmp_path / "run"
+    make_trainer(run, steps=2, seed=3, valid_size=200).run()
+    steps_only = tmp_path / "steps.toml"
+    steps_only.write_text("[train]\nsteps = 5\n")
+    args = build_parser().parse_args(["train", "--config", str(steps_only), "--run-dir",
+                                      str(run)])
+    model, train = _train_configs(args)
+    assert train.steps == 5 and (train.seed, train.valid_size, train.batch_size) == (3, 200, 16)
+    assert (model.features, model.res_blocks) == (8, 1)
+    # the run's own config.toml as --config resumes; one that changes the model is refused
+    args = build_parser().parse_args(["train", "--config", str(run / "config.toml")])
+    assert _train_configs(args)[0] == model
+    wider = tmp_path / "wider.toml"
+    wider.write_text("[model]\nfeatures = 16\n")
+    args = build_parser().parse_args(["train", "--config", str(wider), "--run-dir", str(run)])
+    with pytest.raises(SystemExit, match=r"another architecture.*\['features'\]"):
+        _train_configs(args)
+
+
+def test_resume_without_config_file_uses_the_checkpoints_record(tmp_path):
+    run = tmp_path / "run"
+    make_trainer(run, steps=2, seed=3, valid_size=200).run()
+    (run / "config.toml").unlink()
+    args = build_parser().parse_args(["train", "--run-dir", str(run), "--steps", "4"])
+    model, train = _train_configs(args)
+    assert (model.features, model.input_shape) == (8, (1, 28, 28))
+    assert (train.steps, train.seed, train.valid_size, train.batch_size) == (4, 3, 200, 16)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(log_every=0), "log_every"), (dict(valid_size=-1), "valid_size"),
+    (dict(lr=0.0), "lr > 0"), (dict(memory_mode="all"), "memory_mode must be one of"),
+    (dict(steps=2.5), "steps must be an integer")])
+def test_bad_training_options_are_refused_before_any_work(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--checkpoint", "x", "--dataset", "mnist", "--batch-size", "0"],
+    ["eval", "--checkpoint", "x", "--dataset", "mnist", "--max-images", "-2"],
+    ["sample", "--checkpoint", "x", "-n", "0", "--out", "x.png"]])
+def test_counts_on_the_command_line_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+def test_sample_to_a_folder_is_a_clear_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_trainer(run, steps=2).run()
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sample", "--checkpoint", str(run), "-n", "2", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    assert not list(tmp_path.parent.glob(f".{tmp_path.name}*.tmp"))  # no temporary file left
+
+
+def test_a_bad_image_mid_run_stops_with_a_checkpoint_of_the_step_reached(tmp_path, monkeypatch):
+    """A truncated image found when its batch is read (lazily decoded formats): the trainer
+    saves the step it reached, and rerunning after the file is replaced resumes there."""
+    data = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        path = data / f"{i:02d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+    run = tmp_path / "run"
+    config = TrainConfig(dataset="folder", data_dir=str(data), run_dir=str(run), steps=6,
+                         batch_size=8, valid_size=4, checkpoint_every=100, eval_every=100,
+                         sample_every=100, progress=False)
+    model = RealNVPConfig(input_shape=(1, 8, 8), scales=2, res_blocks=1, features=4)
+    trainer = Trainer(model, config)
+    good = trainer.train_set.get_batch
+    calls = []
+
+    def failing_on_the_fourth_batch(index):
+        calls.append(1)
+        if len(calls) == 4:
+            raise DatasetError(f"{data / '07.png'}: cannot decode image (truncated)")
+        return good(index)
+
+    monkeypatch.setattr(trainer.train_set, "get_batch", failing_on_the_fourth_batch)
+    with pytest.raises(DatasetError, match="07.png"):
+        trainer.run()
+    saved = latest_checkpoint(run)
+    assert saved is not None and saved.name == "ckpt-0000003.pt"
+    state = load_checkpoint(saved)["run_state"]
+    assert (state["step"], state["epoch"], state["epoch_offset"]) == (3, 0, 24)
+    resumed = Trainer(model, config)
+    assert resumed.state.step == 3 and resumed.run().step == 6
+
+
+def test_restart_drops_redone_and_cut_short_metrics(tmp_path):
+    """metrics.jsonl after a kill: the records after the last checkpoint (all of them when
+    there is none) and a half-written last line are dropped when the run restarts."""
+    records = "".join(json.dumps({"step": s, "train_bpd": 5.0}) + "\n" for s in range(1, 5))
+    (tmp_path / "metrics.jsonl").write_text(records + '{"step": 5, "train_b')
+    make_trainer(tmp_path, steps=2)  # no checkpoint yet: starts at step 0
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    make_trainer(tmp_path, steps=2).run()  # checkpoints at step 2
+    logged = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(logged + records.replace('"step": 4', '"step": 9')
+                                            + '{"step": 10, "tr')
+    make_trainer(tmp_path, steps=4)
+    steps = [json.loads(line)["step"] for line in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [s for s in steps if s <= 2] and 2 in steps
+    assert steps == [json.loads(line)["step"] for line in logged.splitlines()] + [1, 2]
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+    make_trainer(tmp_path, steps=2).run()
+    with pytest.raises(ValueError, match="checkpoints of an earlier run.*ckpt-0000002.pt"):
+        Trainer(RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=8),
+                TrainConfig(run_dir=str(tmp_path), steps=2, progress=False), resume=False)
+
+
+@pytest.mark.parametrize("flip", [None, True, False])
+def test_random_flip_option_overrides_the_datasets_default(tmp_path, shared_data, flip):
+    """npz has no flips of its own; --random-flip turns them on (the paper flips CIFAR-10)."""
+    npz = shared_data / "cifar10" / "cifar10_lossless_subset.npz"
+    trainer = Trainer(RealNVPConfig(input_shape=(3, 32, 32), scales=2, res_blocks=1, features=4),
+                      TrainConfig(dataset="npz", data_dir=str(npz), run_dir=str(tmp_path),
+                                  random_flip=flip, progress=False))
+    assert trainer.train_set.random_flip is bool(flip)
+    images, _ = trainer.train_set.get_batch(torch.arange(64))
+    out = trainer.train_set.train_transform(images, torch.Generator().manual_seed(0))
+    flipped = [bool(torch.equal(o, i.flip(-1)) and not torch.equal(o, i))
+               for o, i in zip(out, images)]
+    assert (20 < sum(flipped) < 44) if flip else not any(flipped)
+
+
+def test_resume_on_another_kind_of_device_reseeds_its_streams(tmp_path, capsys):
+    """A CUDA generator's state (16 bytes) cannot be loaded into a CPU generator: a run
+    moved between the two continues with a fresh stream seeded by (seed, step)."""
+    make_trainer(tmp_path, steps=2).run()
+    path = latest_checkpoint(tmp_path)
+    payload = load_checkpoint(path)
+    payload["rng"]["noise"] = torch.zeros(16, dtype=torch.uint8)  # as a CUDA generator's
+    torch.save(payload, path)
+    resumed = make_trainer(tmp_path, steps=4)
+    assert "'noise' random stream was saved on another kind of device" in capsys.readouterr().err
+    expected = torch.Generator().manual_seed(distributed.stream_seed(0, 0, 2, "noise"))
+    assert torch.equal(resumed.generators["noise"].get_state(), expected.get_state())
+    assert torch.equal(resumed.generators["augment"].get_state(), payload["rng"]["augment"])
+    assert resumed.run().step == 4
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_gives_open_permissions(tmp_path):
+    from realnvp.checkpoint import atomic_write, atomic_write_text
+
+    path = tmp_path / "file.txt"
+    atomic_write_text(path, "old")
+
+    def fails_halfway(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fails_halfway)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["file.txt"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what open() gives under this process's umask
+    assert path.stat().st_mode == plain.stat().st_mode

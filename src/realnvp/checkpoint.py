@@ -22,14 +22,22 @@ class CheckpointError(ValueError):
     """A model or checkpoint file that is missing, truncated, corrupt or from another model."""
 
 
+def _process_umask() -> int:
+    umask = os.umask(0)  # the only way to read it: set and restore, once, at import
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
-    """``write(f)`` into a temporary file beside ``path``, then an atomic rename onto it."""
+    """``write(f)`` into a temporary file beside ``path``, then an atomic rename onto it; the
+    file and the rename are flushed to disk before it returns."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
+    os.fchmod(fd, 0o666 & ~_UMASK)  # the permissions open() would give, not mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -39,6 +47,11 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)  # the rename itself survives a power cut
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -1,10 +1,11 @@
 """The ``realnvp`` command line: train, eval, sample, demo (and the figure commands).
 
 Configuration precedence for ``train``: the preset < a ``--config`` TOML file (sections [model]
-and [train], as each run writes to RUN/config.toml) < options on the command line. Running
-``train`` again on a run directory that has checkpoints resumes from the latest one, with the
-architecture of the checkpoint; options given on the command line (e.g. a larger ``--steps``)
-override the recorded training configuration.
+and [train], as each run writes to RUN/config.toml; it sets only the keys it names) < options
+on the command line. Running ``train`` again on a run directory that has checkpoints resumes
+from the latest one, with the run's architecture (an option or file asking for another is
+refused); the file's and the command line's training options (e.g. a larger ``--steps``)
+override the recorded training configuration (RUN/config.toml, or the checkpoint's record).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from . import distributed
 from .allocator import keep_freed_memory, loaded_allocator, restart_with_jemalloc
+from .checkpoint import atomic_write_text
 from .data import DATASETS, TOY_DATASETS, load_dataset
 from .distributed import pick_device
 from .evaluate import evaluate
@@ -32,8 +34,9 @@ from .train import (
     TrainConfig,
     Trainer,
     latest_checkpoint,
-    read_config,
+    read_config_tables,
     resolve_checkpoint,
+    run_configs,
 )
 
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
@@ -85,6 +88,14 @@ def _picked(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="realnvp", description="Real NVP density models: train, evaluate, sample, figures.")
@@ -110,12 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None,
                    help="the dataset's folder or file (not needed for the 2-D toy datasets)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    p.add_argument("--samples", type=int, default=1, help="dequantisation samples per image")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--samples", type=positive_int, default=1,
+                   help="dequantisation samples per image")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--max-images", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     p.add_argument("--valid-size", type=int, default=None,
                    help="validation slice size, as in training (default: the run's)")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="seed that chose the validation slice (default: the run's --seed)")
     p.add_argument("--device", default="auto")
     add_precision_option(p)
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
@@ -128,13 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "in turn: sample i has class i mod K.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint or model file, or a run directory (uses its best.pt)")
-    p.add_argument("-n", type=int, default=64, help="number of samples (per temperature)")
+    p.add_argument("-n", type=positive_int, default=64,
+                   help="number of samples (per temperature)")
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0], metavar="T",
                    help="std of the prior, T; several values give one panel each")
     p.add_argument("--label", type=int, default=None,
                    help="class to sample (class-conditional models)")
-    p.add_argument("--nrow", type=int, default=None, help="images per row")
-    p.add_argument("--zoom", type=int, default=1,
+    p.add_argument("--nrow", type=positive_int, default=None, help="images per row")
+    p.add_argument("--zoom", type=positive_int, default=1,
                    help="enlarge every image by this integer factor (nearest neighbour)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -158,28 +173,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal config values, a TOML list and a tuple alike."""
+    def as_list(v: Any) -> Any:
+        return list(v) if isinstance(v, (list, tuple)) else v
+
+    return as_list(a) == as_list(b)
+
+
 def _train_configs(args: argparse.Namespace) -> tuple[RealNVPConfig, TrainConfig]:
-    """Merge preset, --config file and command-line options; on resume, the checkpoint's."""
+    """Merge preset, --config file and command-line options; on resume, the run's own. The
+    file's tables override only the keys they set."""
     cli_model, cli_train = _picked(args, RealNVPConfig), _picked(args, TrainConfig)
     file_model: dict[str, Any] = {}
     file_train: dict[str, Any] = {}
     if args.config is not None:
-        m, t = read_config(args.config)
-        file_model, file_train = m.to_dict(), t.to_dict()
+        file_model, file_train = read_config_tables(args.config)
     train = TrainConfig.from_dict({**file_train, **cli_train})
     run_dir = Path(train.run_dir)
-    if latest_checkpoint(run_dir) is not None and (run_dir / "config.toml").is_file():
-        saved_model, saved_train = read_config(run_dir / "config.toml")
-        differ = {k: v for k, v in cli_model.items() if getattr(saved_model, k) != v}
+    saved = run_configs(run_dir) if latest_checkpoint(run_dir) is not None else None
+    if saved is not None:  # resume: the architecture is the run's; asking for another is an error
+        saved_model, saved_train = saved
+        asked = {**file_model, **cli_model}
+        unknown = sorted(set(asked) - {f.name for f in dataclasses.fields(RealNVPConfig)})
+        if unknown:
+            raise ValueError(f"unknown RealNVPConfig fields: {', '.join(unknown)}")
+        differ = {k: v for k, v in asked.items() if not _same(getattr(saved_model, k), v)}
         if args.preset is not None:
             preset = preset_config(args.preset).to_dict()
             differ.update({k: preset[k] for k in PRESETS[args.preset]
-                           if k not in cli_model and preset[k] != saved_model.to_dict()[k]})
+                           if k not in asked and not _same(preset[k], getattr(saved_model, k))})
         if differ:
             raise SystemExit(f"error: {run_dir} holds a run of another architecture "
                              f"({saved_model}); it differs in {sorted(differ)}. Use a new "
                              "--run-dir, or drop those options to resume.")
-        train = TrainConfig.from_dict({**saved_train.to_dict(), **file_train, **cli_train})
+        train = TrainConfig.from_dict({**saved_train.to_dict(), **file_train, **cli_train,
+                                       "run_dir": str(run_dir)})
         return saved_model, train
     preset = args.preset or "mnist"
     model = preset_config(preset, **{**file_model, **cli_model})
@@ -235,22 +264,34 @@ def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") 
     return RealNVP.load(path, map_location=device_).set_precision(precision).eval()
 
 
+def run_split(checkpoint: Path, dataset: str) -> tuple[int, int | None]:
+    """(seed, valid_size) of the run a checkpoint belongs to, where it trained on ``dataset``:
+    the slice its validation split was cut with, so that evaluating ``valid`` (or the test
+    split of a dataset whose test set is that slice) never scores the run's training images.
+    (0, None), the defaults, otherwise."""
+    run = run_configs(checkpoint)
+    if run is None or run[1].dataset != dataset:
+        return 0, None
+    return run[1].seed, run[1].valid_size
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, args.device, args.precision)
-    valid_size = args.valid_size
-    run_config = Path(args.checkpoint) / "config.toml"
-    if valid_size is None and run_config.is_file():
-        valid_size = read_config(run_config)[1].valid_size
-    dataset = load_dataset(args.dataset, args.data_dir, args.split, valid_size=valid_size)
+    seed, valid_size = run_split(args.checkpoint, args.dataset)
+    if args.valid_size is not None:
+        valid_size = args.valid_size
+    if args.split_seed is not None:
+        seed = args.split_seed
+    dataset = load_dataset(args.dataset, args.data_dir, args.split, seed=seed,
+                           valid_size=valid_size)
     result = evaluate(model, dataset, batch_size=args.batch_size, samples=args.samples,
                       max_images=args.max_images, seed=args.seed)
     print(f"{args.dataset} {args.split}: {result} ({model.precision} s/t networks)")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         record = {**result.to_dict(), "dataset": args.dataset, "split": args.split,
                   "precision": model.precision,
                   "checkpoint": str(resolve_checkpoint(args.checkpoint))}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -293,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     test = load_dataset("mnist-t10k", DEMO_DATA, "test")
     result = evaluate(trainer.model, test)
     print(f"held-out MNIST: {result}")
-    (args.run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write_text(args.run_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
     path = save_image_grid(trainer.model.sample(
         64, generator=torch.Generator().manual_seed(0)), args.run_dir / "samples.png")
     print(f"samples: {path}")
@@ -311,6 +352,6 @@ def main(argv: list[str] | None = None) -> None:
         keep_freed_memory()
     try:
         handler(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:  # bad input, files, divergence
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error

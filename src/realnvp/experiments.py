@@ -402,16 +402,6 @@ def _generator(model: RealNVP, seed: int) -> torch.Generator:
     return torch.Generator(_device(model)).manual_seed(seed)
 
 
-def _run_config(checkpoint: Path):
-    """(model config, train config) of the run a checkpoint belongs to, or None."""
-    from .train import read_config
-
-    run = checkpoint if checkpoint.is_dir() else checkpoint.parent.parent  # RUN/checkpoints/x.pt
-    if (run / "config.toml").is_file():
-        return read_config(run / "config.toml")
-    return None
-
-
 def _input_images(args: argparse.Namespace, model: RealNVP, count: int
                   ) -> tuple[Tensor, Tensor | None]:
     """(images in [0, 1), labels or None) from ``--images`` files or a dataset split."""
@@ -429,19 +419,19 @@ def _input_images(args: argparse.Namespace, model: RealNVP, count: int
                                  f"per image ({len(args.images)})")
             labels = torch.tensor(args.labels, dtype=torch.long)
         return pixels_to_input(pixels), labels
+    from .cli import run_split  # late import: cli imports this module
     from .data import load_dataset
+    from .train import run_configs
 
-    dataset, data_dir, valid_size = args.dataset, args.data_dir, None
-    run = _run_config(Path(args.checkpoint))
-    if run is not None:
-        if dataset is None:
-            dataset, data_dir = run[1].dataset, data_dir or run[1].data_dir
-        if dataset == run[1].dataset:
-            valid_size = run[1].valid_size  # the run's own validation slice
+    dataset, data_dir = args.dataset, args.data_dir
+    run = run_configs(Path(args.checkpoint))
+    if run is not None and dataset is None:
+        dataset, data_dir = run[1].dataset, data_dir or run[1].data_dir
     if dataset is None or data_dir is None:
         raise ValueError("give --dataset and --data-dir (or --images FILE ...); they default "
-                         "to the run's own only when --checkpoint is a run directory")
-    data = load_dataset(dataset, data_dir, args.split, valid_size=valid_size)
+                         "to the run's own only when --checkpoint belongs to a training run")
+    seed, valid_size = run_split(Path(args.checkpoint), dataset)  # the run's own slice
+    data = load_dataset(dataset, data_dir, args.split, seed=seed, valid_size=valid_size)
     indices = args.indices if args.indices else list(range(min(count, len(data))))
     if not indices:
         raise ValueError(f"the {args.split} split of {dataset} is empty")
@@ -574,11 +564,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 
 def cmd_toy(args: argparse.Namespace) -> None:
     from .data import TOY_DATASETS, toy_dataset
+    from .train import run_configs
 
     model = _load(args)
     name = args.dataset
     if name is None:
-        run = _run_config(Path(args.checkpoint))
+        run = run_configs(Path(args.checkpoint))
         name = run[1].dataset if run is not None else None
     if name not in TOY_DATASETS:
         raise ValueError(f"give --dataset, one of {', '.join(TOY_DATASETS)} (the run's dataset "

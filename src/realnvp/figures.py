@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .checkpoint import atomic_write
+
 
 def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2,
               pad_value: float = 1.0) -> Tensor:
@@ -57,12 +59,9 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
-    """Write a (C, H, W) image in [0, 1] as a PNG (folders created), via a temporary file."""
+    """Write a (C, H, W) image in [0, 1] as a PNG (folders created), atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    to_pil(image).save(tmp, format="PNG")
-    tmp.replace(path)
+    atomic_write(path, lambda f: to_pil(image).save(f, format="PNG"))
     return path
 
 

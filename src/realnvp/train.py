@@ -51,13 +51,21 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed
-from .allocator import set_malloc_policy
+from .allocator import MALLOC_POLICIES, set_malloc_policy
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
-from .data import ImageDataset, load_dataset
+from .data import DatasetError, ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
 from .evaluate import evaluate
 from .figures import save_image_grid
-from .model import RealNVP, RealNVPConfig, dataclass_from_dict
+from .memory import MEMORY_MODES
+from .model import (
+    MEMORY_FORMATS,
+    MODEL_FILE_FORMATS,
+    PRECISIONS,
+    RealNVP,
+    RealNVPConfig,
+    dataclass_from_dict,
+)
 from .preprocessing import bits_per_dim, dequantize
 
 if sys.version_info >= (3, 11):
@@ -87,6 +95,8 @@ class TrainConfig:
     lr_decay: str = "none"          # "none" or "cosine" (to 0 at the last step)
     conditional: bool = False       # condition on the dataset's labels
     valid_size: int | None = None   # size of the validation slice where the dataset has none
+    random_flip: bool | None = None  # horizontal flips in training; None: the dataset's own
+                                    # (on for cifar10, celeba, lsun; off for npz, folder, ...)
     eval_every: int = 500
     eval_images: int | None = None  # validation images per periodic evaluation (None: all)
     sample_every: int = 500
@@ -112,6 +122,33 @@ class TrainConfig:
                                     # CPU 6 % slower, docs/benchmarks.md)
     tensorboard: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # checked here, before any data is read or any step is taken
+        at_least = {"steps": 1, "batch_size": 1, "eval_every": 1, "sample_every": 1,
+                    "sample_count": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
+                    "log_every": 1, "warmup_steps": 0, "max_nonfinite": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name, low in {"valid_size": 0, "eval_images": 1}.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < low):
+                raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.l2 >= 0
+                and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("need lr > 0, grad_clip > 0, l2 >= 0 and betas in [0, 1); got "
+                             f"lr={self.lr}, grad_clip={self.grad_clip}, l2={self.l2}, "
+                             f"beta1={self.beta1}, beta2={self.beta2}")
+        choices = {"lr_decay": ("none", "cosine"), "precision": tuple(PRECISIONS),
+                   "memory_mode": MEMORY_MODES, "memory_format": MEMORY_FORMATS,
+                   "malloc": MALLOC_POLICIES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -161,15 +198,45 @@ def write_config(path: Path, model: RealNVPConfig, train: TrainConfig) -> None:
                                            "train": _toml_ready(train.to_dict())}))
 
 
-def read_config(path: str | Path) -> tuple[RealNVPConfig, TrainConfig]:
-    """Read a run's ``config.toml`` (sections [model] and [train])."""
+def read_config_tables(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The [model] and [train] tables of a TOML configuration file as written: a key the file
+    does not set is absent (so that a partial file overrides only what it names)."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ValueError(f"{path}: cannot read the configuration ({error})") from error
-    return (RealNVPConfig.from_dict(data.get("model", {})),
-            TrainConfig.from_dict(data.get("train", {})))
+    tables = data.get("model", {}), data.get("train", {})
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown or not all(isinstance(t, dict) for t in tables):
+        raise ValueError(f"{path}: a configuration has a [model] and a [train] table only, "
+                         f"found {sorted(data)}")
+    return tables
+
+
+def read_config(path: str | Path) -> tuple[RealNVPConfig, TrainConfig]:
+    """Read a run's ``config.toml`` (sections [model] and [train]); unset fields get their
+    defaults."""
+    model, train = read_config_tables(path)
+    return RealNVPConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def run_configs(path: str | Path) -> tuple[RealNVPConfig, TrainConfig] | None:
+    """(model, training) configuration of the run that a run directory or a checkpoint file
+    belongs to: its ``RUN/config.toml`` (a file counts as the run's when it lies in
+    ``RUN/checkpoints/``), else what the checkpoint itself recorded; None for a model file
+    written by :meth:`RealNVP.save`, which records no training."""
+    path = Path(path)
+    run = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" \
+        else None
+    if run is not None and (run / "config.toml").is_file():
+        return read_config(run / "config.toml")
+    checkpoint = resolve_checkpoint(path, prefer="latest")
+    payload = safe_load(checkpoint, MODEL_FILE_FORMATS)
+    if "train_config" not in payload:
+        return None
+    return (RealNVPConfig.from_dict(payload["config"]),
+            TrainConfig.from_dict(payload["train_config"]))
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -360,7 +427,13 @@ class Trainer:
                                       valid_size=train.valid_size)
         self.valid_set = load_dataset(train.dataset, train.data_dir, "valid", seed=train.seed,
                                       valid_size=train.valid_size)
-        latest = latest_checkpoint(self.run_dir) if resume else None
+        if train.random_flip is not None:
+            self.train_set.random_flip = train.random_flip
+        latest = latest_checkpoint(self.run_dir)
+        if latest is not None and not resume:  # two runs' checkpoints must never mix
+            raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run ("
+                             f"{latest.name}): resume it, or start a new run in another "
+                             "run_dir")
         latest = distributed.broadcast_object(self.dist, latest)  # rank 0's choice, everywhere
         if latest is not None and not latest.is_file():
             raise CheckpointError(f"rank {self.dist.rank} cannot see {latest}, from which rank 0 "
@@ -394,13 +467,13 @@ class Trainer:
             self.optimizer.load_state_dict(payload["optimizer"])
             self.state = RunState.from_checkpoint(payload, len(self.train_set))
             for name, g in self.generators.items():
-                g.set_state(payload["rng"][name].to("cpu"))
+                self._restore_generator(name, g, payload["rng"][name])
             self.resumed_from: Path | None = latest
             self.resumed_world_size = payload.get("world_size", 1)
-            if self.dist.is_main:
-                self._truncate_metrics(self.state.step)
         else:
             self.resumed_from = None
+        if self.dist.is_main:  # a run killed before its first checkpoint starts at step 0
+            self._truncate_metrics(self.state.step)
         if self.dist.is_main:
             write_config(self.run_dir / "config.toml", model_config, train)
         # Several processes: batch statistics over all of them (unless turned off), and
@@ -419,15 +492,38 @@ class Trainer:
         if train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter  # optional dependency
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # a resumed run redoes the steps after its checkpoint: drop their old events
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                        purge_step=self.state.step + 1 if self.state.step else None)
+
+    def _restore_generator(self, name: str, generator: torch.Generator, state: Tensor) -> None:
+        """The checkpoint's state of a random stream; a run moved to another kind of device
+        (CPU and CUDA generators keep states of different sizes) gets a fresh stream seeded by
+        (seed, step), so it continues, though no longer bit for bit as it would have."""
+        try:
+            generator.set_state(state.to("cpu"))
+        except RuntimeError:
+            seed = distributed.stream_seed(self.train_config.seed, 0, self.state.step, name)
+            generator.manual_seed(seed)
+            if self.dist.is_main:
+                print(f"note: the checkpoint's {name!r} random stream was saved on another kind "
+                      f"of device; continuing on {self.device.type} with a fresh stream",
+                      file=sys.stderr)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop the records a killed run logged after its last checkpoint: they are redone."""
+        """Drop the records a killed run logged after its last checkpoint: they are redone.
+        A line cut short by the kill is dropped too."""
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            lines = [line for line in path.read_text().splitlines()
-                     if line.strip() and json.loads(line).get("step", 0) <= step]
-            path.write_text("".join(line + "\n" for line in lines))
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    kept.append(line + "\n")
+            atomic_write_text(path, "".join(kept))
 
     @staticmethod
     def _conditional_config(config: RealNVPConfig, dataset: ImageDataset) -> RealNVPConfig:
@@ -448,10 +544,11 @@ class Trainer:
         if ctx.rank > 0:  # rank r's streams at step s: a function of (seed, r, s), see the top
             for name, g in self.generators.items():
                 g.manual_seed(distributed.stream_seed(t.seed, ctx.rank, state.step, name))
-        index, state.epoch, state.epoch_offset = batch_indices(
+        index, epoch, offset = batch_indices(
             len(self.train_set), t.batch_size, state.epoch, state.epoch_offset, t.seed,
             ctx.rank, ctx.world_size)
-        images, labels = self.train_set.get_batch(index)
+        images, labels = self.train_set.get_batch(index)  # may raise DatasetError (a bad file)
+        state.epoch, state.epoch_offset = epoch, offset  # moved on only once the batch is read
         images = self.train_set.train_transform(images, self.generators["augment"])
         return to_device(images, self.device), (None if labels is None
                                                 else to_device(labels, self.device))
@@ -557,6 +654,17 @@ class Trainer:
         save_checkpoint(path, self.model, self.optimizer, self.state, self.train_config,
                         self.generators, self.dist.world_size)
 
+    def _save_before_stopping(self, skipped: torch.Tensor, bar: tqdm) -> None:
+        """A checkpoint of the current step, written when the run stops on bad data."""
+        self.state.nonfinite_steps += int(skipped)  # the count since the last read
+        skipped.zero_()
+        try:
+            path = self.checkpoint()
+        except FloatingPointError as error:  # a diverged model is not saved over a good one
+            bar.write(f"not saved before stopping: {error}")
+        else:
+            bar.write(f"saved {path} before stopping; replace the bad file and rerun to resume")
+
     def checkpoint(self) -> Path:
         t, step = self.train_config, self.state.step
         path = checkpoint_dir(self.run_dir) / f"ckpt-{step:07d}.pt"
@@ -573,7 +681,15 @@ class Trainer:
         images_seen, clock = 0, time.perf_counter()
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         while state.step < t.steps:
-            images, labels = self.next_batch()
+            try:
+                images, labels = self.next_batch()
+            except DatasetError:
+                # An image that cannot be decoded shows up when its batch is first read: keep
+                # the steps made since the last checkpoint (on one process; with several, the
+                # others wait in the next step's all-reduce and torchrun stops them).
+                if not self.dist.enabled and state.step > 0:
+                    self._save_before_stopping(skipped, bar)
+                raise
             lr = learning_rate(t, state.step)
             bpd, skipped_now = self.training_step(images, labels, lr)
             skipped += skipped_now

@@ -52,10 +52,13 @@ set (celeba, imagenet, lsun with split folders, npz with ``x_valid``).  The publ
 downsampled ImageNet and LSUN are not available, so their ``test`` split is the validation set.
 
 Images of JPEG/PNG datasets are decoded lazily in :meth:`~ImageDataset.get_batch` and cached in
-memory as uint8 arrays (set ``dataset.cache = False`` to turn this off), so only the first epoch
-decodes.  :func:`load_dataset` checks the files up front (headers, file lists, partition files)
-and raises :class:`DatasetError` for missing, truncated, corrupt or malformed files; decoding
-errors found later name the file too.  Resampling uses ``PIL.Image.LANCZOS`` (antialiased).
+memory as uint8 arrays, so only the first epoch decodes, unless the split would take more than
+a quarter of the machine's memory (``dataset.cache`` says which; it can be set either way).
+:func:`load_dataset` checks the files up front (file lists, partition files, every
+header of ``folder``, the first image of ``imagenet``) and raises :class:`DatasetError` for
+missing, truncated, corrupt or malformed files; an image whose data cannot be decoded raises it
+when its batch is first read, naming the file (the trainer checkpoints before it stops).
+Resampling uses ``PIL.Image.LANCZOS`` (antialiased).
 
 ``dataset[i]`` (for a plain ``DataLoader``) gives ``(image, label)`` with the image after
 :meth:`~ImageDataset.eval_transform` and ``label = tensor(-1)`` for unlabelled datasets.

@@ -154,15 +154,24 @@ class TensorImageDataset(ImageDataset):
         return self.images[torch.from_numpy(idx)]
 
 
+def cache_limit_bytes() -> int:
+    """The most a dataset caches by default: a quarter of the machine's memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
 class LazyImageDataset(ImageDataset):
-    """Image files decoded on demand (and cached) by ``decoder(PIL image, name) -> (C, H, W)``."""
+    """Image files decoded on demand (and cached) by ``decoder(PIL image, name) -> (C, H, W)``.
+
+    The cache of decoded images is on when the whole split fits in :func:`cache_limit_bytes`
+    (CelebA's training split at 64×64: 2.0 GB) and off for larger ones (LSUN bedroom at 96×96:
+    84 GB), which are then decoded at every epoch; ``cache`` can be set either way."""
 
     def __init__(self, source: FileSource | ZipSource,
                  decoder: Callable[[Image.Image, str], np.ndarray], **kwargs) -> None:
         super().__init__(**kwargs)
         self.source = source
         self.decoder = decoder
-        self.cache = True
+        self.cache = len(source) * int(np.prod(self.stored_shape)) <= cache_limit_bytes()
         self._cache: dict[int, np.ndarray] = {}
         if len(source) != len(self.source_indices):
             raise ValueError("source and source_indices differ in length")
@@ -304,9 +313,16 @@ def default_slice(n: int, cap: int) -> int:
 
 
 def list_images(root: Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[str]:
-    """Sorted relative paths of the image files under ``root`` (recursive, hidden ones skipped)."""
+    """Sorted relative paths of the image files under ``root`` (recursive, hidden ones skipped;
+    symbolic links to folders are followed, each folder listed once)."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()  # (device, inode) of the folders walked: no link loops
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        info = os.stat(dirpath)
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         found += [(rel / f).as_posix() for f in filenames

@@ -60,8 +60,21 @@ def _decode_celeba(image: Image.Image, name: str) -> np.ndarray:
     return to_chw(image.resize((CELEBA_SIZE, CELEBA_SIZE), RESAMPLE))
 
 
+# PIL modes whose pixels are 8-bit (or fewer): the others (16-bit "I;16", 32-bit "I", float "F")
+# would be clipped at 255 by convert(), silently; models of them need n_bits > 8.
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+GRAY_MODES = ("1", "L", "LA")
+
+
+def check_eight_bit(mode: str, name: str) -> None:
+    if mode not in EIGHT_BIT_MODES:
+        raise DatasetError(f"{name}: image mode {mode} does not hold 8-bit pixels (16-bit or "
+                           "float images would be clipped at 255); convert it to 8-bit first")
+
+
 def _decode_lsun(image: Image.Image, name: str) -> np.ndarray:
     """Resize so the smaller side is 96 (aspect kept), then take the centre 96x96 square."""
+    check_eight_bit(image.mode, name)
     image = image.convert("RGB")
     w, h = image.size
     scale = LSUN_STORED / min(w, h)
@@ -418,7 +431,8 @@ def load_folder(data_dir: Path, split: str, seed: int, valid_size: int | None) -
             raise DatasetError(f"{data_dir / name}: image is {this_size[0]}x{this_size[1]} but "
                                f"{first} is {size[0]}x{size[1]}; the folder dataset needs "
                                "images of one size")
-        gray = gray and mode == "L"
+        check_eight_bit(mode, str(data_dir / name))
+        gray = gray and mode in GRAY_MODES
     n = len(all_names)
     pos = split_positions(n, split, default_slice(n, n) if valid_size is None else valid_size,
                           seed, "folder")

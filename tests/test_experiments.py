@@ -13,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import calibrate, perturb
@@ -344,3 +345,53 @@ def test_math_of_the_weights():
     assert torch.equal(w[2, 2], torch.tensor([0, 0, 0, 1.0], dtype=torch.float64))
     half = math.sqrt(0.5)
     assert torch.allclose(w[1, 1], torch.full((4,), half * half, dtype=torch.float64))
+
+
+def test_label_and_input_errors_of_the_experiments(model, model_file, cond_model, toy_run,
+                                                   tmp_path, capsys):
+    """Found by review: each of these crashed with a traceback or did the wrong thing."""
+    x, labels = digits(5)
+    # one label for a whole batch, as every experiment accepts
+    whole, _ = reconstruct(cond_model, x, labels[:5], batch_size=2)
+    single, _ = reconstruct(cond_model, x, 3, batch_size=2)
+    assert torch.allclose(single, reconstruct(cond_model, x, torch.full((5,), 3),
+                                              batch_size=2)[0])
+    assert not torch.allclose(whole, single)  # the label mattered
+    attributes = RealNVP(RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1,
+                                       features=4, num_classes=3, label_kind="attributes"))
+    with pytest.raises(ValueError, match="attribute vector, not a class label"):
+        manifold(attributes, x[:4], 2, cond=1)
+    attribute_file = tmp_path / "attributes.pt"
+    attributes.save(attribute_file)
+    for command in (["interpolate", *DATA, "--label", "1"], ["extrapolate", "--label", "1"]):
+        with pytest.raises(SystemExit):
+            cli_main([command[0], "--checkpoint", str(attribute_file), *command[1:],
+                      "--out", str(tmp_path / "x.png")])
+        assert "conditional on attribute vectors" in capsys.readouterr().err
+    # a conditional model on an unlabelled dataset
+    unlabelled = tmp_path / "unlabelled.npz"
+    pixels = load_dataset("mnist-t10k", DEMO_DATA, "valid").get_batch(torch.arange(8))[0]
+    np.savez(unlabelled, x_train=pixels.numpy(), x_test=pixels.numpy())
+    with pytest.raises(SystemExit):
+        cli_main(["eval", "--checkpoint", str(attribute_file), "--dataset", "npz",
+                  "--data-dir", str(unlabelled)])
+    assert "conditional on 3 attributes, but the dataset has no labels" in capsys.readouterr().err
+    # image commands on a vector model; indices outside the split; counts of zero
+    for argv in (["reconstruct", "--checkpoint", str(toy_run), *DATA],
+                 ["levels", "--checkpoint", str(model_file), *DATA, "--split", "test",
+                  "--indices", "5000"]):
+        with pytest.raises(SystemExit):
+            cli_main([*argv, "--out", str(tmp_path / "x.png")])
+        err = capsys.readouterr().err
+        assert "needs an image model" in err or "outside the test split" in err, err
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["levels", "--checkpoint", str(model_file), *DATA, "-n", "0",
+                  "--out", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    # 16-bit image files are refused, not clipped
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(deep)
+    with pytest.raises(SystemExit):
+        cli_main(["reconstruct", "--checkpoint", str(model_file), "--images", str(deep),
+                  "--out", str(tmp_path / "x.png")])
+    assert "mode I;16 does not hold 8-bit" in capsys.readouterr().err

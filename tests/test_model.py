@@ -267,3 +267,38 @@ def test_top_pixel_value_stays_finite_in_float32(monkeypatch):
     for form in ("paper", "official"):
         y, logdet = LogitTransform(0.05, form)(x_tilde)
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+
+
+def test_encode_decode_sample_and_config_refuse_bad_values():
+    """encode checks pixels as log_prob does (uint8 input would wrap around in 1 − x)."""
+    model = small_image_model((3, 8, 8), 2).eval()
+    ok = pixels((3, 8, 8), 2, torch.float32)
+    range_error = (ValueError, r"\[0, 1\)")
+    for bad, (error, match) in [(ok * 2, range_error), (ok - 0.5, range_error),
+                                ((ok * 255).to(torch.uint8), (TypeError, "floats in")),
+                                (ok.masked_fill(ok > 0.5, math.inf), range_error)]:
+        with pytest.raises(error, match=match):
+            model.encode(bad)
+    assert [tuple(z.shape[1:]) for z in model.encode(pixels((3, 16, 8), 2, torch.float32))] == \
+        [(6, 8, 4), (6, 8, 4)]  # other sizes still encode
+    with pytest.raises(ValueError, match="infinite"):
+        model.bits_per_dim(torch.full((1, 3, 8, 8), math.inf))
+    latents = model.encode(ok)
+    latents[1][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.decode(latents)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        model.sample(2, temperature=math.nan)
+    conditional = small_image_model((1, 8, 8), 2, num_classes=3).eval()
+    with pytest.raises(ValueError, match="integer tensor"):
+        conditional.log_prob(pixels((1, 8, 8), 2, torch.float32), torch.tensor([True, False]))
+    for bad in [dict(bn_eps=-1.0), dict(bn_eps=math.nan), dict(bn_momentum=1.5),
+                dict(bn_momentum=0.0)]:
+        with pytest.raises(ValueError, match="bn_momentum"):
+            RealNVPConfig(**bad)
+    for bad in [dict(logit_alpha=0.5), dict(logit_form="symmetric")]:
+        with pytest.raises(ValueError, match="logit_alpha"):
+            RealNVPConfig(**bad)
+    vector = RealNVP(RealNVPConfig(input_shape=(4,))).eval()
+    with pytest.raises(ValueError, match="infinite"):
+        vector.encode(torch.tensor([[0.0, math.inf, 0.0, 0.0]]))

@@ -231,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             print(f"resuming from {trainer.resumed_from} (step {s.step}, epoch {s.epoch}, "
                   f"image {s.epoch_offset}{moved})")
         if main:
-            print(f"model: {trainer.model.num_parameters():,} parameters, {model_config}")
+            print(f"model: {trainer.model.num_parameters():,} parameters, {trainer.model.config}")
             print(f"malloc: {train_config.malloc} (allocator in use: {loaded_allocator()})")
         if main and world > 1:
             sync = "synchronised" if trainer.sync_batchnorm else "per-process"

@@ -62,6 +62,10 @@ def evaluate(
     if tuple(dataset.image_shape) != tuple(model.config.input_shape):
         raise ValueError(f"the dataset's images are {tuple(dataset.image_shape)}, the model "
                          f"expects {tuple(model.config.input_shape)}")
+    if model.config.num_classes is not None and dataset.num_classes is None:
+        kind = "classes" if model.config.label_kind == "class" else "attributes"
+        raise ValueError(f"the model is conditional on {model.config.num_classes} {kind}, but "
+                         "the dataset has no labels")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training

@@ -110,8 +110,12 @@ def _labels(model: RealNVP, cond: Tensor | int | None, n: int) -> Tensor | None:
     cond = torch.as_tensor(cond, device=_device(model))
     if model.config.label_kind == "class" and cond.dim() == 0:
         cond = cond.expand(n)
-    elif model.config.label_kind == "attributes" and cond.dim() == 1:
-        cond = cond.expand(n, -1)
+    elif model.config.label_kind == "attributes":
+        if cond.dim() == 0:
+            raise ValueError(f"this model is conditional on {model.config.num_classes} binary "
+                             "attributes: give an attribute vector, not a class label")
+        if cond.dim() == 1:
+            cond = cond.expand(n, -1)
     return cond
 
 
@@ -314,11 +318,12 @@ def reconstruct(model: RealNVP, images: Tensor, cond: Tensor | None = None,
         images = _images(model, images)
     else:
         images = images.to(_device(model), _dtype(model))
+    cond = _labels(model, cond, images.shape[0])
     parts = []
     with _evaluating(model):
         for start in range(0, images.shape[0], batch_size):
             part = slice(start, start + batch_size)
-            c = None if cond is None else _labels(model, cond[part], images[part].shape[0])
+            c = None if cond is None else cond[part]
             parts.append(model.decode(model.encode(images[part], c), c))
     out = torch.cat(parts)
     return out, (out - images).abs().max()
@@ -405,6 +410,9 @@ def _generator(model: RealNVP, seed: int) -> torch.Generator:
 def _input_images(args: argparse.Namespace, model: RealNVP, count: int
                   ) -> tuple[Tensor, Tensor | None]:
     """(images in [0, 1), labels or None) from ``--images`` files or a dataset split."""
+    if not model.config.is_image:
+        raise ValueError(f"this command needs an image model; the model is a vector model with "
+                         f"input_shape {model.config.input_shape} (for 2-D models: realnvp toy)")
     conditional = model.config.num_classes is not None
     c, h, w = model.config.input_shape
     if args.images:
@@ -435,6 +443,10 @@ def _input_images(args: argparse.Namespace, model: RealNVP, count: int
     indices = args.indices if args.indices else list(range(min(count, len(data))))
     if not indices:
         raise ValueError(f"the {args.split} split of {dataset} is empty")
+    outside = [i for i in indices if not 0 <= i < len(data)]
+    if outside:
+        raise ValueError(f"--indices {outside} lie outside the {args.split} split of {dataset} "
+                         f"(images 0..{len(data) - 1})")
     pixels, labels = data.get_batch(torch.tensor(indices))
     pixels = data.eval_transform(pixels)
     if tuple(pixels.shape[1:]) != model.config.input_shape:
@@ -457,7 +469,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_zoom(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--zoom", type=int, default=1,
+    from .cli import positive_int  # late import: cli imports this module
+
+    p.add_argument("--zoom", type=positive_int, default=1,
                    help="enlarge every image by this integer factor (nearest neighbour)")
 
 
@@ -476,6 +490,15 @@ def _add_image_source(p: argparse.ArgumentParser, count: str) -> None:
                    help="class labels of the --images files (class-conditional models)")
 
 
+def _class_label(model: RealNVP, label: int) -> Tensor:
+    """``--label K`` as a 0-d class tensor, for class-conditional models only."""
+    if model.config.num_classes is None or model.config.label_kind != "class":
+        raise ValueError("--label K needs a class-conditional model"
+                         + ("; this one is conditional on attribute vectors"
+                            if model.config.num_classes else ""))
+    return torch.tensor(label)
+
+
 def cmd_interpolate(args: argparse.Namespace) -> None:
     model = _load(args)
     images, labels = _input_images(args, model, 4)
@@ -484,9 +507,12 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
     cond = None
     if model.config.num_classes is not None:
         if args.label is not None:
-            cond = torch.tensor(args.label)
+            cond = _class_label(model, args.label)
         elif labels is not None and (labels == labels[:1]).all():
             cond = labels[:1].squeeze(0)
+        elif model.config.label_kind == "attributes":
+            raise ValueError("an attribute-conditional model interpolates between four images "
+                             "with the same attribute vector: choose them with --indices")
         else:
             raise ValueError("a class-conditional model interpolates within one class: pass "
                              "--label K (or four images of the same label)")
@@ -497,7 +523,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 def cmd_extrapolate(args: argparse.Namespace) -> None:
     model = _load(args)
-    cond = None if args.label is None else torch.tensor(args.label)
+    cond = None if args.label is None else _class_label(model, args.label)
     samples = extrapolate(model, args.n, args.factors, args.temperature, cond,
                           _generator(model, args.seed))
     nrow = args.nrow or max(1, math.ceil(math.sqrt(args.n)))
@@ -584,6 +610,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
 
 def add_figure_commands(sub: argparse._SubParsersAction) -> None:
     """Add the paper's figure commands to the ``realnvp`` parser."""
+    from .cli import positive_int  # late import: cli imports this module
     p = sub.add_parser(
         "interpolate", help="the latent manifold spanned by four images",
         description="Encode four images z1..z4 and decode z(phi, phi') = cos(phi) (cos(phi') z1 "
@@ -593,7 +620,7 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
         "left, z4 bottom right.")
     _add_common(p)
     _add_image_source(p, "exactly four images (default: the first four)")
-    p.add_argument("--steps", type=int, default=8, help="grid points per side, k")
+    p.add_argument("--steps", type=positive_int, default=8, help="grid points per side, k")
     p.add_argument("--label", type=int, default=None,
                    help="class used to encode and decode (class-conditional models)")
     _add_zoom(p)
@@ -605,12 +632,12 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
         "convolutional, so a model trained on HxW images samples (fH)x(fW) ones (the paper's "
         "Figure 7). One panel per factor.")
     _add_common(p)
-    p.add_argument("-n", type=int, default=4, help="samples per factor")
-    p.add_argument("--factors", type=int, nargs="+", default=[2, 10], metavar="F",
+    p.add_argument("-n", type=positive_int, default=4, help="samples per factor")
+    p.add_argument("--factors", type=positive_int, nargs="+", default=[2, 10], metavar="F",
                    help="size factors (each size must survive the model's squeezes)")
     p.add_argument("--temperature", type=float, default=1.0, help="std of the prior, T")
     p.add_argument("--label", type=int, default=None, help="class (class-conditional models)")
-    p.add_argument("--nrow", type=int, default=None, help="images per row in each panel")
+    p.add_argument("--nrow", type=positive_int, default=None, help="images per row in each panel")
     _add_zoom(p)
     p.set_defaults(handler=cmd_extrapolate)
 
@@ -622,7 +649,7 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
         "finest k latents are set to zero instead (the official code's compression view).")
     _add_common(p)
     _add_image_source(p, "the images (default: the first -n)")
-    p.add_argument("-n", type=int, default=6, help="number of images (without --indices)")
+    p.add_argument("-n", type=positive_int, default=6, help="number of images (without --indices)")
     p.add_argument("--compression", action="store_true",
                    help="set the fine latents to zero instead of resampling them")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -638,7 +665,7 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
         "image is decoded with every class instead (one row per image).")
     _add_common(p)
     _add_image_source(p, "the images (default: the first -n)")
-    p.add_argument("-n", type=int, default=8, help="number of images (without --indices)")
+    p.add_argument("-n", type=positive_int, default=8, help="number of images (without --indices)")
     p.add_argument("--permutation", type=int, nargs="+", default=None, metavar="I",
                    help="decode image i with the label of image permutation[i] (default: a "
                    "random permutation drawn with --seed)")
@@ -655,9 +682,9 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
         "their reconstructions.")
     _add_common(p)
     _add_image_source(p, "the images (default: the first --max-images)")
-    p.add_argument("--max-images", type=int, default=64,
+    p.add_argument("--max-images", type=positive_int, default=64,
                    help="number of images to check (without --indices)")
-    p.add_argument("--show", type=int, default=8, help="images shown in the PNG")
+    p.add_argument("--show", type=positive_int, default=8, help="images shown in the PNG")
     _add_zoom(p)
     p.set_defaults(handler=cmd_reconstruct)
 
@@ -672,9 +699,9 @@ def add_figure_commands(sub: argparse._SubParsersAction) -> None:
     _add_common(p)
     p.add_argument("--dataset", choices=TOY_DATASETS, default=None,
                    help="toy density to draw the data from (default: the run's)")
-    p.add_argument("-n", type=int, default=1000, help="data points")
-    p.add_argument("--prior-samples", type=int, default=None, help="default: -n")
+    p.add_argument("-n", type=positive_int, default=1000, help="data points")
+    p.add_argument("--prior-samples", type=positive_int, default=None, help="default: -n")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--grid", type=int, default=128, help="heat-map resolution")
-    p.add_argument("--size", type=int, default=256, help="pixels per panel side")
+    p.add_argument("--grid", type=positive_int, default=128, help="heat-map resolution")
+    p.add_argument("--size", type=positive_int, default=256, help="pixels per panel side")
     p.set_defaults(handler=cmd_toy)

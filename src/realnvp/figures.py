@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .checkpoint import atomic_write
+from .data.formats import check_eight_bit
 
 
 def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2,
@@ -303,11 +304,13 @@ def read_images(paths: Sequence[str | Path], channels: int, size: tuple[int, int
     for path in paths:
         try:
             with Image.open(path) as image:
+                mode = image.mode
                 image = image.convert("L" if channels == 1 else "RGB")
         except FileNotFoundError:
             raise
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read the image ({error})") from error
+        check_eight_bit(mode, str(path))  # 16-bit or float images would be clipped
         if (image.height, image.width) != tuple(size):
             raise ValueError(f"{path} is {image.width}x{image.height} pixels; the model takes "
                              f"{size[1]}x{size[0]} images (resize or crop it first)")

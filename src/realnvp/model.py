@@ -112,6 +112,12 @@ class RealNVPConfig:
             raise ValueError(f"label_kind must be 'class' or 'attributes', got {self.label_kind!r}")
         if self.batch_norm not in ("batch", "lagged", "none"):
             raise ValueError(f"batch_norm must be batch, lagged or none, got {self.batch_norm!r}")
+        if not (0 < self.bn_momentum <= 1 and 0 < self.bn_eps < math.inf):
+            raise ValueError(f"need 0 < bn_momentum <= 1 and bn_eps > 0, got bn_momentum="
+                             f"{self.bn_momentum}, bn_eps={self.bn_eps}")
+        if not 0 < self.logit_alpha < 0.5 or self.logit_form not in ("paper", "official"):
+            raise ValueError(f"need 0 < logit_alpha < 0.5 and logit_form 'paper' or 'official', "
+                             f"got {self.logit_alpha}, {self.logit_form!r}")
         if self.is_image:
             latent_shapes(self.input_shape, self.scales)  # raises if a squeeze meets an odd size
         elif self.input_shape[0] < 2:
@@ -249,8 +255,8 @@ class RealNVP(nn.Module):
         if x.is_floating_point() and torch.isnan(x).any():
             raise ValueError(f"{what} contains NaN")
 
-    def _check_pixels(self, x: Tensor) -> None:
-        self._check_input(x, "x")
+    def _check_pixels(self, x: Tensor, any_size: bool = False) -> None:
+        self._check_input(x, "x", any_size)
         if not self.config.is_image:
             if not x.is_floating_point():
                 raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -260,7 +266,7 @@ class RealNVP(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"x must hold dequantised pixels as floats in [0, 1), got {x.dtype}; "
                             "for integer pixels use bits_per_dim(x) or realnvp.dequantize(x)")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(x.detach().min()), float(x.detach().max())
         top_ok = hi < 1 if self.config.logit_form == "paper" else hi <= 1
         if lo < 0 or not top_ok:
             raise ValueError(f"pixel values must lie in [0, 1) (dequantised (x + u) / 2^n), got "
@@ -282,7 +288,8 @@ class RealNVP(nn.Module):
             raise ValueError(f"this model is conditional on {k} {self.config.label_kind}: pass "
                              "cond")
         if self.config.label_kind == "class":
-            if cond.dim() != 1 or cond.shape[0] != batch or cond.is_floating_point():
+            if (cond.dim() != 1 or cond.shape[0] != batch or cond.is_floating_point()
+                    or cond.dtype == torch.bool):
                 raise ValueError(f"cond must be an integer tensor of shape ({batch},) of class "
                                  f"indices, got {cond.dtype} of shape {tuple(cond.shape)}")
             if check and (cond.min() < 0 or cond.max() >= k):
@@ -446,6 +453,8 @@ class RealNVP(nn.Module):
         self._check_input(x, "x")
         if not 1 <= n_bits <= 8:
             raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError("x contains infinite values")
         if x.is_floating_point() and not torch.equal(x, x.round()):
             raise ValueError("bits_per_dim takes integer pixel values (e.g. uint8), got "
                              "non-integer floats; for dequantised pixels use log_prob")
@@ -475,7 +484,7 @@ class RealNVP(nn.Module):
     def encode(self, x: Tensor, cond: Tensor | None = None) -> list[Tensor]:
         """x (N, C, H, W) in [0, 1) (or (N, D)) → [z_1, …, z_L], finest scale first (eval mode).
         Inputs of another spatial size are accepted where every squeeze meets an even size."""
-        self._check_input(x, "x", any_size=True)
+        self._check_pixels(x, any_size=True)
         with self._eval_mode():
             return self._forward(x, cond)[0]
 
@@ -492,6 +501,8 @@ class RealNVP(nn.Module):
         got = [tuple(z.shape[1:]) for z in latents]
         if got != [tuple(s) for s in expected]:
             raise ValueError(f"latent shapes {got} do not fit this model; expected {expected}")
+        if not all(torch.isfinite(z).all() for z in latents):
+            raise ValueError("the latents contain NaN or infinite values")
         with self._eval_mode():
             return self._inverse(list(latents), cond)
 
@@ -509,8 +520,8 @@ class RealNVP(nn.Module):
         Vectors: (n, D)."""
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 <= temperature < math.inf:  # NaN too
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         device, dtype = self._device(), self._dtype()
         latents = [
             temperature * torch.randn((n, *s), generator=generator, device=device, dtype=dtype)

@@ -56,6 +56,26 @@ MAX_BATCH_TOLERANCE = 0.03  # --measure-max-batch: a peak this close under the l
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
            "recompute", "malloc-trim", "malloc-release"}
 MALLOC_OPTIONS = {"malloc-trim": "system", "malloc-release": "release", "jemalloc": "jemalloc"}
+PRECISION_OPTIONS = {"fp32", "bf16", "tf32"}
+MEMORY_OPTIONS = {"invertible", "checkpoint"}
+
+
+def mode_error(mode: str, device: str) -> str | None:
+    """Why ``mode`` cannot be measured (None if it can): an unknown option, tf32 off CUDA, or
+    options that contradict each other (two precisions, two memory modes, two allocators, or
+    recompute under compile, which picks its own recomputation)."""
+    options = set(mode.split("+"))
+    if options - OPTIONS:
+        return f"unknown {', '.join(sorted(options - OPTIONS))}; options are " \
+               f"{', '.join(sorted(OPTIONS))}"
+    if "tf32" in options and device != "cuda":
+        return "tf32 is for CUDA only"
+    for group in (PRECISION_OPTIONS, MEMORY_OPTIONS, set(MALLOC_OPTIONS)):
+        if len(options & group) > 1:
+            return f"at most one of {', '.join(sorted(group))}"
+    if {"compile", "recompute"} <= options:
+        return "recompute does not apply under compile (torch.compile picks its own)"
+    return None
 
 
 # -- load on the machine ----------------------------------------------------------------------
@@ -302,7 +322,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    from realnvp.allocator import keep_freed_memory, loaded_allocator
+    from realnvp.allocator import keep_freed_memory, loaded_allocator, set_malloc_policy
 
     if args.worker == "ceiling":
         # the rows' allocator setting, so that page faults cannot lower the ceiling either
@@ -333,8 +353,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         row["compile_s"] = round(first - min(steps), 1)
     row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
     # The machine's speed drifts by several per cent over a run: the ceiling once more, right
-    # after this row's training steps, in its precision and the faster (channels-last) layout.
+    # after this row's training steps, in its precision and the faster (channels-last) layout,
+    # with freed memory kept as in the ceiling worker (release would page-fault every tensor).
+    if malloc_policy(mode) == "release":
+        set_malloc_policy("keep")
     row["ceiling_fwd_bwd_here"] = ceiling_now(args.device, args.quick, precision_of(args.worker))
+    set_malloc_policy(malloc_policy(mode))
 
     model.eval()
 
@@ -437,11 +461,12 @@ def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None
 def batch_on_line(first: tuple[int, float], second: tuple[int, float],
                   peak: float) -> int | None:
     """The batch (rounded down) at which the straight line through two (batch, peak MiB)
-    points reaches ``peak``; None if the line does not rise."""
+    points reaches ``peak``: 0 if even a batch of 1 would not fit, None if the line does not
+    rise (or a point is a failed step's infinite peak)."""
     (b1, p1), (b2, p2) = first, second
-    if p2 <= p1:
+    if p2 <= p1 or not math.isfinite(p2):
         return None
-    return int(b2 + (peak - p2) * (b2 - b1) / (p2 - p1))
+    return max(0, int(b2 + (peak - p2) * (b2 - b1) / (p2 - p1)))
 
 
 def largest_fitting(points: list[tuple[int, float]], limit: float = MEMORY_LIMIT_MIB,
@@ -480,13 +505,16 @@ def search_max_batch(peak_at: Callable[[int], float], points: list[tuple[int, fl
         if settled:
             break
         hi = min((pt for pt in points if pt[1] > limit), default=None)
+        finite = [pt for pt in points if math.isfinite(pt[1])]
         if attempt == 0 and first is not None:
             batch = first
-        elif lo and hi and hi[1] == math.inf:  # the step failed there: bisect
-            batch = (lo[0] + hi[0]) // 2
+        elif hi and hi[1] == math.inf:  # the step failed there: bisect
+            batch = ((lo[0] if lo else 0) + hi[0]) // 2
+        elif len(finite) < 2:
+            break
         else:
-            batch = batch_on_line(*((lo, hi) if lo and hi else points[-2:] if lo
-                                    else points[:2]), target)
+            batch = batch_on_line(*((lo, hi) if lo and hi else finite[-2:] if lo
+                                    else finite[:2]), target)
             if batch is None:
                 break  # memory does not grow with the batch here: nothing to aim at
         if lo and hi:
@@ -595,15 +623,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
+    if args.iters < 1:
+        parser.error(f"--iters must be at least 1, got {args.iters}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         options = set(m.split("+"))
-        unknown = options - OPTIONS
-        if unknown or ("tf32" in m and args.device != "cuda"):
-            parser.error(f"bad mode {m!r}: options are {', '.join(sorted(OPTIONS))} "
-                         "(tf32 on cuda only)")
-        if len(options & MALLOC_OPTIONS.keys()) > 1:
-            parser.error(f"bad mode {m!r}: at most one of {', '.join(sorted(MALLOC_OPTIONS))}")
+        error = mode_error(m, args.device)
+        if error:
+            parser.error(f"bad mode {m!r}: {error}")
         if "jemalloc" in options:
             from realnvp.allocator import jemalloc_environment
 
@@ -619,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick, "preset": args.preset, "batch_size": args.batch_size,
-        "load": {"per_measurement": []}, "complete": False, "rows": [],
+        "load": {"per_measurement": []}, "complete": False, "rows": [], "failed": [],
     }
     load = result["load"]
 
@@ -633,6 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet("ceiling")
     ceilings = run_worker(args, "ceiling", args.batch_size)
     result["ceilings"] = ceilings
+    if ceilings is None:
+        result["failed"].append("ceiling")
     if ceilings:
         for p in ("fp32", "bf16", "tf32"):
             if p in ceilings:
@@ -645,10 +674,12 @@ def main(argv: list[str] | None = None) -> int:
         quiet(mode)
         row = run_worker(args, mode, args.batch_size)
         if row is None:
+            result["failed"].append(mode)
+            write_json(args.json, result)
             continue
         half = None if "compile" in mode else run_worker(args, mode, half_batch, True)
         add_derived(row, ceilings, half, half_batch)
-        if args.measure_max_batch and half is not None and row["max_batch_8gib"]:
+        if args.measure_max_batch and half is not None:
             measure_max_batch(args, row, half_batch)
         rows.append(row)
         write_json(args.json, result)
@@ -671,7 +702,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{half_batch}")
     result["complete"] = True
     write_json(args.json, result)
-    return 0 if rows else 1
+    if result["failed"]:
+        print(f"FAILED: {', '.join(result['failed'])} (see the workers' errors above)",
+              file=sys.stderr)
+    return 1 if result["failed"] or not rows else 0
 
 
 if __name__ == "__main__":

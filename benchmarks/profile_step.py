@@ -72,6 +72,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     busy = bench.machine_busy()
     device = torch.device("cpu")
+    error = bench.mode_error(args.mode, "cpu")
+    if error:
+        parser.error(f"bad mode {args.mode!r}: {error}")
     mode = set(args.mode.split("+"))
     model, loss_fn, optimizer = bench.build(args.preset, mode, device, quick=False)
     step = bench.make_train_step(model, loss_fn, optimizer)
@@ -192,6 +195,7 @@ def print_convolution_bound(model, images, batch_size: int,
         h.remove()
     print("\n| input | weight | layout | per step | ms each | GFLOP/s |\n|---|---|---|---|---|---|")
     total_s = total_flop = 0.0
+    bf16 = model.precision == "bf16"  # then the model's convolutions run under autocast
     for (x_shape, w_shape, nchw), count in sorted(counts.items()):
         fmt = torch.contiguous_format if nchw else torch.channels_last
         x = torch.randn(x_shape).contiguous(memory_format=fmt).requires_grad_()
@@ -199,8 +203,10 @@ def print_convolution_bound(model, images, batch_size: int,
         b = torch.zeros(w_shape[0], requires_grad=True)
         grad = torch.randn(x_shape[0], w_shape[0], *x_shape[2:]).contiguous(memory_format=fmt)
 
-        def run(x=x, w=w, b=b, grad=grad, padding=w_shape[2] // 2):
-            torch.autograd.grad(F.conv2d(x, w, b, padding=padding), (x, w, b), grad)
+        def run(x=x, w=w, b=b, grad=grad, padding=w_shape[2] // 2, bf16=bf16):
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = F.conv2d(x, w, b, padding=padding)
+            torch.autograd.grad(out, (x, w, b), grad.to(out.dtype))
 
         seconds = min(bench.timed(run, torch.device("cpu"), 2, 5))
         flop = 3 * 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] \

@@ -207,3 +207,88 @@ def test_measured_max_batch_goes_into_the_row_and_the_table(monkeypatch):
     assert bench.max_batch({"max_batch_8gib": 174}) == "174*"  # extrapolated only
     row["max_batch_8gib_settled"] = False
     assert bench.max_batch(row) == f"≥{measured}"
+
+
+def test_contradicting_modes_and_bad_iters_are_refused(capsys):
+    import bench
+    import pytest
+
+    for mode, message in [("fp32+bf16", "at most one of bf16, fp32, tf32"),
+                          ("invertible+checkpoint", "at most one of checkpoint, invertible"),
+                          ("compile+recompute", "recompute does not apply under compile"),
+                          ("fp16", "unknown fp16"), ("tf32", "tf32 is for CUDA only")]:
+        assert message in bench.mode_error(mode, "cpu"), mode
+        with pytest.raises(SystemExit):
+            bench.main(["--modes", mode, "--quick"])
+        assert message in capsys.readouterr().err
+    assert bench.mode_error("bf16+invertible+recompute+jemalloc", "cpu") is None
+    assert bench.mode_error("tf32+compile", "cuda") is None
+    with pytest.raises(SystemExit):
+        bench.main(["--modes", "fp32", "--quick", "--iters", "0"])
+    assert "--iters must be at least 1" in capsys.readouterr().err
+
+
+def test_max_batch_line_never_gives_a_batch_that_cannot_fit():
+    import math
+
+    import bench
+
+    # the line through (32, 9000) and (64, 9500) reaches 8 GiB below batch 1: nothing fits
+    assert bench.batch_on_line((32, 9000.0), (64, 9500.0), bench.MEMORY_LIMIT_MIB) == 0
+    assert bench.batch_on_line((32, 900.0), (48, math.inf), bench.MEMORY_LIMIT_MIB) is None
+    # nothing fits and the first guess fails: go below the smallest batch (a NaN line before)
+    tried = []
+
+    def peak_at(batch: int) -> float:
+        tried.append(batch)
+        return math.inf if batch >= 40 else 300.0 * batch
+
+    points = bench.search_max_batch(peak_at, [(32, 9000.0), (64, 12000.0)], first=48, tries=4)
+    assert tried[0] == 48 and tried[1] < 32, tried
+    best, _ = bench.largest_fitting(points)
+    assert best is not None and best[1] <= bench.MEMORY_LIMIT_MIB
+
+
+def test_a_failed_mode_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
+    import bench
+
+    def fake_worker(args, name, batch_size, memory_only=False):
+        if name == "ceiling":
+            return {"fp32": {"fwd": 100.0, "fwd_bwd": 90.0}, "detail": []}
+        if name == "bf16":
+            return None  # the worker crashed
+        return {"mode": name, "batch_size": batch_size, "train_img_s": 1.0, "eval_img_s": 2.0,
+                "sample_img_s": 2.0, "peak_rss_mib": 1000.0 + batch_size, "gflop_per_img": 1.0,
+                "others_cpu": 0.0, "ceiling_fwd_bwd_here": 90.0}
+
+    monkeypatch.setattr(bench, "run_worker", fake_worker)
+    monkeypatch.setattr(bench, "wait_for_quiet", lambda *a: {"busy_before": 0.0, "waited_s": 0,
+                                                             "quiet": True,
+                                                             "loadavg_before": [0, 0, 0]})
+    monkeypatch.setattr(bench, "machine_info", lambda device: {"cpu": "test"})
+    out = tmp_path / "b.json"
+    assert bench.main(["--modes", "fp32,bf16", "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    assert result["failed"] == ["bf16"] and [r["mode"] for r in result["rows"]] == ["fp32"]
+
+
+def test_convolution_bound_of_a_bf16_mode_times_bf16_convolutions(monkeypatch, capsys):
+    import profile_step
+    import torch
+    import torch.nn.functional as F
+
+    from realnvp import RealNVP
+
+    model = RealNVP.from_preset("cifar10", res_blocks=1, features=8).set_precision("bf16")
+    dtypes = set()
+    conv2d = F.conv2d
+
+    def spy(*args, **kwargs):
+        out = conv2d(*args, **kwargs)
+        dtypes.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    profile_step.print_convolution_bound(model, images, 2, 1.0)
+    assert dtypes == {torch.bfloat16}

@@ -127,16 +127,15 @@ class TrainConfig:
         # checked here, before any data is read or any step is taken
         at_least = {"steps": 1, "batch_size": 1, "eval_every": 1, "sample_every": 1,
                     "sample_count": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
-                    "log_every": 1, "warmup_steps": 0, "max_nonfinite": 0}
+                    "log_every": 1, "warmup_steps": 0, "max_nonfinite": 0,
+                    "valid_size": 0, "eval_images": 1}  # the last two may also be None
         for name, low in at_least.items():
-            value = getattr(self, name)
+            value, optional = getattr(self, name), name in ("valid_size", "eval_images")
+            if optional and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name, low in {"valid_size": 0, "eval_images": 1}.items():
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < low):
-                raise ValueError(f"{name} must be None or an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer "
+                                 f">= {low}, got {value!r}")
         if not (self.lr > 0 and self.grad_clip > 0 and self.l2 >= 0
                 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("need lr > 0, grad_clip > 0, l2 >= 0 and betas in [0, 1); got "

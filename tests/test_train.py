@@ -79,9 +79,10 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def make_trainer(run_dir: Path, steps: int = 4, **overrides) -> Trainer:
-    train = TrainConfig(run_dir=str(run_dir), steps=steps, batch_size=16, checkpoint_every=2,
-                        eval_every=1000, eval_images=32, sample_every=1000, sample_count=4,
-                        progress=False, **overrides)
+    train = TrainConfig(**{**dict(run_dir=str(run_dir), steps=steps, batch_size=16,
+                                  checkpoint_every=2, eval_every=1000, eval_images=32,
+                                  sample_every=1000, sample_count=4, progress=False),
+                           **overrides})
     return Trainer(RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=8),
                    train)
 
@@ -474,3 +475,16 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_open_permissions(t
     plain = tmp_path / "plain.txt"
     plain.write_text("x")  # what open() gives under this process's umask
     assert path.stat().st_mode == plain.stat().st_mode
+
+
+def test_resume_keeps_a_best_model_newer_than_its_checkpoint(tmp_path):
+    """best.pt saved after the checkpoint a run resumes from (eval_every < checkpoint_every):
+    its score is the one to beat, so no worse model replaces it."""
+    make_trainer(tmp_path, steps=4, eval_every=1, eval_images=16).run()
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["run_state"]
+    (tmp_path / "checkpoints" / "ckpt-0000004.pt").unlink()  # as if killed after step 3's eval
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path))["run_state"]
+    assert ckpt["step"] == 2 and best["step"] > 2
+    assert best["best_valid_bpd"] < ckpt["best_valid_bpd"]  # the model improved after step 2
+    resumed = make_trainer(tmp_path, steps=4, eval_every=1, eval_images=16)
+    assert resumed.state.best_valid_bpd == best["best_valid_bpd"]

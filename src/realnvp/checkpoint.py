@@ -65,16 +65,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def safe_load(path: str | Path, kind: str | tuple[str, ...],
-              map_location: str | torch.device = "cpu") -> dict:
+              map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """Load a dict written by :func:`atomic_save` whose ``"format"`` entry is ``kind`` (or one
-    of the kinds given)."""
+    of the kinds given). ``mmap``: tensors are mapped from the file, not read (to look at a
+    checkpoint's small entries cheaply)."""
     kinds = (kind,) if isinstance(kind, str) else kind
     kind = " or ".join(kinds)
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for bad zip/pickle data
         raise CheckpointError(
             f"{path}: cannot be read as a {kind} file; it is truncated or corrupt ({error})"

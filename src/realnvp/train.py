@@ -465,6 +465,7 @@ class Trainer:
             self.model.load_state_dict(payload["state_dict"])
             self.optimizer.load_state_dict(payload["optimizer"])
             self.state = RunState.from_checkpoint(payload, len(self.train_set))
+            self.state.best_valid_bpd = min(self.state.best_valid_bpd, self._saved_best())
             for name, g in self.generators.items():
                 self._restore_generator(name, g, payload["rng"][name])
             self.resumed_from: Path | None = latest
@@ -494,6 +495,19 @@ class Trainer:
             # a resumed run redoes the steps after its checkpoint: drop their old events
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
                                         purge_step=self.state.step + 1 if self.state.step else None)
+
+    def _saved_best(self) -> float:
+        """The validation bits/dim of RUN/checkpoints/best.pt (inf if none): with
+        ``eval_every < checkpoint_every`` it can be newer, and better, than the checkpoint a run
+        resumes from, and a resume that is not exact must not replace it by a worse model."""
+        path = checkpoint_dir(self.run_dir) / "best.pt"
+        if not path.is_file():
+            return math.inf
+        try:
+            return float(safe_load(path, CHECKPOINT_FORMAT, mmap=True)["run_state"]
+                         ["best_valid_bpd"])
+        except (CheckpointError, KeyError, TypeError):
+            return math.inf  # unreadable: the next better evaluation rewrites it
 
     def _restore_generator(self, name: str, generator: torch.Generator, state: Tensor) -> None:
         """The checkpoint's state of a random stream; a run moved to another kind of device

@@ -37,6 +37,7 @@ from .train import (
     read_config_tables,
     resolve_checkpoint,
     run_configs,
+    run_split,
 )
 
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
@@ -264,20 +265,9 @@ def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") 
     return RealNVP.load(path, map_location=device_).set_precision(precision).eval()
 
 
-def run_split(checkpoint: Path, dataset: str) -> tuple[int, int | None]:
-    """(seed, valid_size) of the run a checkpoint belongs to, where it trained on ``dataset``:
-    the slice its validation split was cut with, so that evaluating ``valid`` (or the test
-    split of a dataset whose test set is that slice) never scores the run's training images.
-    (0, None), the defaults, otherwise."""
-    run = run_configs(checkpoint)
-    if run is None or run[1].dataset != dataset:
-        return 0, None
-    return run[1].seed, run[1].valid_size
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, args.device, args.precision)
-    seed, valid_size = run_split(args.checkpoint, args.dataset)
+    seed, valid_size = run_split(run_configs(args.checkpoint), args.dataset)
     if args.valid_size is not None:
         valid_size = args.valid_size
     if args.split_seed is not None:

@@ -427,9 +427,8 @@ def _input_images(args: argparse.Namespace, model: RealNVP, count: int
                                  f"per image ({len(args.images)})")
             labels = torch.tensor(args.labels, dtype=torch.long)
         return pixels_to_input(pixels), labels
-    from .cli import run_split  # late import: cli imports this module
     from .data import load_dataset
-    from .train import run_configs
+    from .train import run_configs, run_split
 
     dataset, data_dir = args.dataset, args.data_dir
     run = run_configs(Path(args.checkpoint))
@@ -438,7 +437,7 @@ def _input_images(args: argparse.Namespace, model: RealNVP, count: int
     if dataset is None or data_dir is None:
         raise ValueError("give --dataset and --data-dir (or --images FILE ...); they default "
                          "to the run's own only when --checkpoint belongs to a training run")
-    seed, valid_size = run_split(Path(args.checkpoint), dataset)  # the run's own slice
+    seed, valid_size = run_split(run, dataset)  # the run's own validation slice
     data = load_dataset(dataset, data_dir, args.split, seed=seed, valid_size=valid_size)
     indices = args.indices if args.indices else list(range(min(count, len(data))))
     if not indices:

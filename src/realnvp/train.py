@@ -231,11 +231,22 @@ def run_configs(path: str | Path) -> tuple[RealNVPConfig, TrainConfig] | None:
     if run is not None and (run / "config.toml").is_file():
         return read_config(run / "config.toml")
     checkpoint = resolve_checkpoint(path, prefer="latest")
-    payload = safe_load(checkpoint, MODEL_FILE_FORMATS)
+    payload = safe_load(checkpoint, MODEL_FILE_FORMATS, mmap=True)  # the configs, not the weights
     if "train_config" not in payload:
         return None
     return (RealNVPConfig.from_dict(payload["config"]),
             TrainConfig.from_dict(payload["train_config"]))
+
+
+def run_split(run: tuple[RealNVPConfig, TrainConfig] | None, dataset: str
+              ) -> tuple[int, int | None]:
+    """(seed, valid_size) that a run (:func:`run_configs`) cut its validation slice with, where
+    it trained on ``dataset``, so that evaluating ``valid`` (or the test split of a dataset
+    whose test set is that slice) never scores the run's training images; (0, None), the
+    defaults, otherwise."""
+    if run is None or run[1].dataset != dataset:
+        return 0, None
+    return run[1].seed, run[1].valid_size
 
 
 # -- checkpoints --------------------------------------------------------------------------------
@@ -474,7 +485,6 @@ class Trainer:
             self.resumed_from = None
         if self.dist.is_main:  # a run killed before its first checkpoint starts at step 0
             self._truncate_metrics(self.state.step)
-        if self.dist.is_main:
             write_config(self.run_dir / "config.toml", model_config, train)
         # Several processes: batch statistics over all of them (unless turned off), and
         # gradients averaged by DistributedDataParallel around the loss.
@@ -597,10 +607,10 @@ class Trainer:
         opt.step()
         return bpd.detach(), skipped
 
-    def _count_skipped(self, skipped: torch.Tensor) -> None:
+    def _count_skipped(self, skipped: torch.Tensor, check_limit: bool = True) -> None:
         """Add the device's count of skipped steps since the last call to the run state (a
-        host sync, made only where the loop syncs anyway), log it, and stop the run if there
-        are more than ``max_nonfinite``."""
+        host sync, made only where the loop syncs anyway), log it, and (``check_limit``) stop
+        the run if there are more than ``max_nonfinite``."""
         state, limit = self.state, self.train_config.max_nonfinite
         new = int(skipped)
         if not new:
@@ -608,7 +618,7 @@ class Trainer:
         skipped.zero_()
         state.nonfinite_steps += new
         self.log({"step": state.step, "skipped_nonfinite": state.nonfinite_steps})
-        if state.nonfinite_steps > limit:
+        if check_limit and state.nonfinite_steps > limit:
             raise FloatingPointError(
                 f"{state.nonfinite_steps} training steps had a non-finite loss or "
                 f"gradient (limit {limit}); stopping. The last good "
@@ -669,8 +679,7 @@ class Trainer:
 
     def _save_before_stopping(self, skipped: torch.Tensor, bar: tqdm) -> None:
         """A checkpoint of the current step, written when the run stops on bad data."""
-        self.state.nonfinite_steps += int(skipped)  # the count since the last read
-        skipped.zero_()
+        self._count_skipped(skipped, check_limit=False)  # the run stops anyway
         try:
             path = self.checkpoint()
         except FloatingPointError as error:  # a diverged model is not saved over a good one

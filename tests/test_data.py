@@ -345,14 +345,26 @@ def test_celeba_missing_files(celeba_small: tuple[Path, np.ndarray]) -> None:
 LSUN_SIZES = [(120, 100), (100, 150), (96, 96), (200, 97), (130, 130), (97, 300)]
 
 
-def lsun_reference(path: Path) -> np.ndarray:
-    """Smaller side resized to 96, centre 96x96 crop: HWC uint8."""
+def lsun_resized(path: Path) -> torch.Tensor:
+    """Smaller side resized to 96, aspect kept: CHW uint8."""
     image = Image.open(path).convert("RGB")
     w, h = image.size
     new = (96, round(h * 96 / w)) if w <= h else (round(w * 96 / h), 96)
-    array = np.asarray(image.resize(new, RESAMPLE))
+    return torch.from_numpy(np.asarray(image.resize(new, RESAMPLE)).copy()).permute(2, 0, 1)
+
+
+def lsun_reference(path: Path) -> np.ndarray:
+    """Smaller side resized to 96, centre 96x96 crop: HWC uint8."""
+    array = lsun_resized(path).permute(1, 2, 0).numpy()
     top, left = (array.shape[0] - 96) // 2, (array.shape[1] - 96) // 2
     return array[top:top + 96, left:left + 96]
+
+
+def is_window(crop: torch.Tensor, image: torch.Tensor) -> bool:
+    """Whether (C, s, s) ``crop`` is a square of (C, H, W) ``image``, as it is or flipped."""
+    s = crop.shape[-1]
+    windows = image.unfold(1, s, 1).unfold(2, s, 1).permute(1, 2, 0, 3, 4)
+    return any((windows == c).flatten(2).all(-1).any().item() for c in (crop, crop.flip(-1)))
 
 
 @pytest.fixture()
@@ -382,14 +394,32 @@ def test_lsun_shapes_and_transforms(lsun_dir: Path) -> None:
         assert np.array_equal(centre[k].permute(1, 2, 0).numpy(), expected[16:80, 16:80])
     assert torch.equal(train[0][0], centre[0]) and train[0][1].item() == -1
 
-    crops = train.train_transform(stored, torch.Generator().manual_seed(0))
+    crops = train.train_transform(stored, torch.Generator().manual_seed(0))  # of given batches
     assert crops.shape == (5, 3, 64, 64)
     assert torch.equal(crops, train.train_transform(stored, torch.Generator().manual_seed(0)))
     assert not torch.equal(crops, train.train_transform(stored, torch.Generator().manual_seed(1)))
-    for crop, image in zip(crops, stored, strict=True):  # each crop is a (flipped) window
-        windows = image.unfold(1, 64, 1).unfold(2, 64, 1).permute(1, 2, 0, 3, 4)
-        found = [(windows == c).flatten(2).all(-1).any().item() for c in (crop, crop.flip(-1))]
-        assert any(found)
+    assert all(is_window(c, image) for c, image in zip(crops, stored, strict=True))
+
+    # Training crops come from the whole resized image (official pipeline), not its centre.
+    every = torch.arange(5)
+    crops, labels = train.train_batch(every, torch.Generator().manual_seed(0))
+    assert crops.shape == (5, 3, 64, 64) and crops.dtype == torch.uint8 and labels is None
+    assert torch.equal(crops, train.train_batch(every, torch.Generator().manual_seed(0))[0])
+    assert not torch.equal(crops, train.train_batch(every, torch.Generator().manual_seed(1))[0])
+    full = [lsun_resized(lsun_dir / name) for name in train.files]
+    assert all(is_window(c, image) for c, image in zip(crops, full, strict=True))
+    wide = train.files.index("a/3.png")  # 200x97: 198x96 once resized
+    assert full[wide].shape == (3, 96, 198)
+    g = torch.Generator().manual_seed(2)
+    draws = [train.train_batch([wide], g)[0][0] for _ in range(30)]
+    assert all(is_window(c, full[wide]) for c in draws)
+    assert sum(not is_window(c, stored[wide]) for c in draws) >= 10  # outside the centre 96
+    (lsun_dir / "a" / "3.png").write_bytes(b"not an image")
+    g = torch.Generator().manual_seed(2)
+    before = g.get_state()
+    with pytest.raises(DatasetError, match="3.png"):
+        load_dataset("lsun", lsun_dir, "train").train_batch(every, g)
+    assert torch.equal(g.get_state(), before)  # a bad file stops the batch before any draw
 
 
 def test_lsun_split_folders(lsun_dir: Path) -> None:
@@ -525,6 +555,27 @@ def test_folder_dataset(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="empty.*no image files"):
         load_dataset("folder", tmp_path / "empty", "train")
+
+
+def test_exif_orientation_turns_photos_upright(tmp_path: Path) -> None:
+    from realnvp.figures import read_images
+
+    rng = np.random.default_rng(1)
+    upright_pixels = rng.integers(0, 256, (3, 6, 4, 3), dtype=np.uint8)  # 4 wide, 6 high
+    for i, image in enumerate(upright_pixels[:2]):
+        write_png(tmp_path / f"{i}.png", image)
+    # A camera held sideways stores the pixels turned and tags them "rotate 90° clockwise" (6).
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright_pixels[2], k=1).copy()).save(tmp_path / "2.png", exif=exif)
+    assert Image.open(tmp_path / "2.png").size == (6, 4)
+    dataset = load_dataset("folder", tmp_path, "train", valid_size=0)
+    assert dataset.image_shape == (3, 6, 4)
+    images, _ = all_items(dataset)
+    index = [int(Path(f).stem) for f in dataset.files]
+    assert torch.equal(images, torch.from_numpy(upright_pixels[index]).permute(0, 3, 1, 2))
+    read = read_images([tmp_path / "2.png", tmp_path / "0.png"], 3, (6, 4))
+    assert torch.equal(read, torch.from_numpy(upright_pixels[[2, 0]]).permute(0, 3, 1, 2))
 
 
 # -------------------------------------------------------------------------- API and errors

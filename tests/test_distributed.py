@@ -86,7 +86,7 @@ def watch_writes(root: Path) -> list[str]:
     return seen
 
 
-def fixed_noise(x, n_bits=8, generator=None):
+def fixed_noise(x, n_bits=8, generator=None, *, noise=None):
     """Dequantisation without randomness: both set-ups see the same x̃ for an image."""
     return (x.to(torch.get_default_dtype()) + 0.5) / 2**n_bits
 

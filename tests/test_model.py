@@ -144,6 +144,35 @@ def test_bits_per_dim_by_hand(n_bits, values):
     assert abs(bpd.item() - expected) < 1e-5, (bpd.item(), expected)
 
 
+def test_evaluate_noise_is_per_image_whatever_the_batch_size():
+    import numpy as np
+
+    from realnvp.data.base import TensorImageDataset
+    from realnvp.evaluate import evaluate
+
+    model = perturb(small_image_model((3, 4, 4), 2).double()).eval()
+    images = torch.randint(0, 256, (11, 3, 4, 4), generator=torch.Generator().manual_seed(3),
+                           dtype=torch.uint8)
+    data = TensorImageDataset(images.numpy(), name="t", split="test", source_indices=np.arange(11))
+    # The definition: image i's k-th draw is u[i, k], u drawn image-major in one stream.
+    u = torch.rand((11, 3, 3, 4, 4), generator=torch.Generator().manual_seed(5),
+                   dtype=torch.float32)
+    by_hand = sum(model.bits_per_dim(images, noise=u[:, k]) for k in range(3)) / 3
+    for batch_size in (1, 4, 11, 64):
+        result = evaluate(model, data, batch_size=batch_size, samples=3, seed=5)
+        assert torch.allclose(result.per_image, by_hand, rtol=0, atol=1e-10), batch_size
+    one = evaluate(model, data, batch_size=4, seed=5).per_image  # one draw: as bits_per_dim does
+    whole = model.bits_per_dim(images, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(one, whole, rtol=0, atol=1e-10)
+    assert not torch.allclose(one, by_hand, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        model.bits_per_dim(images, noise=u[:, 0] + 1)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        model.bits_per_dim(images, noise=torch.full_like(u[:, 0], float("nan")))
+    with pytest.raises(ValueError, match="noise has shape"):
+        model.bits_per_dim(images, noise=u[:5, 0])
+
+
 def test_bits_per_dim_constant():
     from realnvp import bits_per_dim
 

@@ -51,8 +51,9 @@ def evaluate(
     """Bits/dim of ``dataset`` under ``model`` in eval mode (running batch-norm statistics).
 
     The dequantisation noise comes from a generator seeded with ``seed``, so repeated
-    evaluations of one model agree exactly. Class-conditional models get the dataset's labels.
-    The model is left in the mode it was in.
+    evaluations of one model agree exactly; on the CPU each image's noise is the same for every
+    ``batch_size`` (a CUDA generator's stream depends on the shape of each draw).
+    Class-conditional models get the dataset's labels. The model is left in the mode it was in.
     """
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
@@ -81,8 +82,12 @@ def evaluate(
                 values.append(-model.log_prob(images.to(model._dtype()), cond)
                               .double().cpu())
                 continue
-            bpd = sum(model.bits_per_dim(images, cond, generator=generator)
-                      for _ in range(samples)) / samples
+            # Image-major noise, (B, samples, C, H, W): each image's draws follow the previous
+            # image's in the generator's stream, so on the CPU they do not depend on batch_size.
+            noise = torch.rand((len(images), samples, *images.shape[1:]), generator=generator,
+                               device=device)
+            bpd = sum(model.bits_per_dim(images, cond, noise=noise[:, s])
+                      for s in range(samples)) / samples
             values.append(bpd.double().cpu())
     finally:
         model.train(was_training)

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .checkpoint import atomic_write
+from .data.base import upright
 from .data.formats import check_eight_bit
 
 
@@ -295,9 +296,9 @@ def toy_figure(data: Tensor, latents: Tensor, prior: Tensor, mapped: Tensor, den
 # -- reading images -----------------------------------------------------------------------------
 
 def read_images(paths: Sequence[str | Path], channels: int, size: tuple[int, int]) -> Tensor:
-    """Image files → uint8 (N, channels, H, W). Each is converted to grey (1 channel) or RGB
-    (3 channels) and must already be ``size = (H, W)``; anything else is a ValueError naming the
-    file."""
+    """Image files → uint8 (N, channels, H, W). Each is turned upright as its EXIF orientation
+    says, converted to grey (1 channel) or RGB (3 channels) and must then be ``size = (H, W)``;
+    anything else is a ValueError naming the file."""
     if channels not in (1, 3):
         raise ValueError(f"only 1- and 3-channel models can read image files, not {channels}")
     out = []
@@ -305,7 +306,7 @@ def read_images(paths: Sequence[str | Path], channels: int, size: tuple[int, int
         try:
             with Image.open(path) as image:
                 mode = image.mode
-                image = image.convert("L" if channels == 1 else "RGB")
+                image = upright(image).convert("L" if channels == 1 else "RGB")
         except FileNotFoundError:
             raise
         except (OSError, ValueError) as error:

@@ -445,9 +445,11 @@ class RealNVP(nn.Module):
         *,
         n_bits: int = 8,
         generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """Bits/dim of integer images x ∈ {0, …, 2ⁿ − 1}, shape (N,): draws u ~ U[0, 1)^D,
-        x̃ = (x + u) / 2ⁿ and returns (−log p(x̃) + D·n·ln 2) / (D·ln 2)."""
+        """Bits/dim of integer images x ∈ {0, …, 2ⁿ − 1}, shape (N,): draws u ~ U[0, 1)^D
+        from ``generator`` (or takes ``noise``, x's shape), x̃ = (x + u) / 2ⁿ and returns
+        (−log p(x̃) + D·n·ln 2) / (D·ln 2)."""
         if not self.config.is_image:
             raise ValueError("bits_per_dim is for image models; use log_prob for vectors")
         self._check_input(x, "x")
@@ -462,7 +464,10 @@ class RealNVP(nn.Module):
         if lo < 0 or hi > 2**n_bits - 1:
             raise ValueError(f"{n_bits}-bit pixel values must be in [0, {2**n_bits - 1}], got "
                              f"[{lo}, {hi}]")
-        x_tilde = dequantize(x.to(self._device()), n_bits, generator).to(self._dtype())
+        if noise is not None and noise.numel() and not (0 <= noise.min() and noise.max() < 1):
+            raise ValueError("noise must lie in [0, 1) (a uniform dequantisation draw)")
+        x_tilde = dequantize(x.to(self._device()), n_bits, generator, noise=noise
+                             ).to(self._dtype())
         return bits_per_dim(self.log_prob(x_tilde, cond), x[0].numel(), n_bits)
 
     def _device(self) -> torch.device:

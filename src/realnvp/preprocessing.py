@@ -53,14 +53,21 @@ class LogitTransform(Bijection):
         return (p - self.alpha) / self.k, -sum_except_batch(math.log(self.k) - log_p - log_1mp)
 
 
-def dequantize(x: Tensor, n_bits: int = 8, generator: torch.Generator | None = None) -> Tensor:
+def dequantize(x: Tensor, n_bits: int = 8, generator: torch.Generator | None = None, *,
+               noise: Tensor | None = None) -> Tensor:
     """Integer pixels (any dtype) in {0, …, 2ⁿ − 1} → x̃ = (x + u) / 2ⁿ, u ~ U[0, 1), float32.
 
+    ``u`` is drawn from ``generator``, or given as ``noise`` (values in [0, 1), x's shape).
     In float32, 255 + u rounds up to 256 for u within 2⁻¹⁷ of 1, which would put x̃ on the
     logit's pole at 1; x̃ is therefore capped at the largest float32 below 1.
     """
     x = x.float()
-    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if noise is None:
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    elif noise.shape != x.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)}, the pixels {tuple(x.shape)}")
+    else:
+        u = noise.to(x.device, x.dtype)
     return ((x + u) / 2**n_bits).clamp(max=1 - torch.finfo(x.dtype).eps / 2)
 
 

@@ -570,9 +570,9 @@ class Trainer:
         index, epoch, offset = batch_indices(
             len(self.train_set), t.batch_size, state.epoch, state.epoch_offset, t.seed,
             ctx.rank, ctx.world_size)
-        images, labels = self.train_set.get_batch(index)  # may raise DatasetError (a bad file)
+        # May raise DatasetError (a bad file), before drawing from the generator.
+        images, labels = self.train_set.train_batch(index, self.generators["augment"])
         state.epoch, state.epoch_offset = epoch, offset  # moved on only once the batch is read
-        images = self.train_set.train_transform(images, self.generators["augment"])
         return to_device(images, self.device), (None if labels is None
                                                 else to_device(labels, self.device))
 

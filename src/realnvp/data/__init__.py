@@ -4,7 +4,8 @@ Every image dataset is an :class:`ImageDataset` whose :meth:`~ImageDataset.get_b
 ``uint8`` images ``(B, C, H, W)`` with values 0..255 (dequantisation and the logit transform are
 the model's business) and labels: ``int64 (B,)`` class labels, ``float32 (B, A)`` binary
 attribute vectors, or ``None`` for unlabelled data.  Augmentation is separate:
-:meth:`~ImageDataset.train_transform` draws only from the ``torch.Generator`` it is given, so a
+:meth:`~ImageDataset.train_batch` (the images at some indices, augmented by
+:meth:`~ImageDataset.train_transform`) draws only from the ``torch.Generator`` it is given, so a
 resumed run sees exactly the same crops and flips.
 
 Formats (``load_dataset(name, data_dir, split)``) and split rules:
@@ -26,10 +27,10 @@ name            files in ``data_dir``                                         sp
                 ``list_eval_partition.txt`` (0/1/2 = train/valid/test) and    partition
                 optional ``list_attr_celeba.txt`` (40 attributes); crop rows
                 40:188, cols 15:163, resize to (3, 64, 64); random flips
-``lsun``        a folder of images (one category, recursive)                  ``train/`` and
-                stored at 96x96 (smaller side resized to 96, centre crop),    ``valid/`` (or
-                (3, 64, 64) after the transforms: random crop + flip for      ``val/``) if
-                training, centre crop for evaluation                          present, else a
+``lsun``        a folder of images (one category, recursive); smaller side    ``train/`` and
+                resized to 96; (3, 64, 64): training crops anywhere in the    ``valid/`` (or
+                whole image + flips (``train_batch``), the centre 64x64 for   ``val/``) if
+                evaluation (``get_batch`` gives the centre 96x96)             present, else a
                                                                               slice (10%, max
                                                                               3000); test=valid
 ``imagenet32``  van den Oord downsampled ImageNet: PNG folders                train: train
@@ -58,7 +59,8 @@ a quarter of the machine's memory (``dataset.cache`` says which; it can be set e
 header of ``folder``, the first image of ``imagenet``) and raises :class:`DatasetError` for
 missing, truncated, corrupt or malformed files; an image whose data cannot be decoded raises it
 when its batch is first read, naming the file (the trainer checkpoints before it stops).
-Resampling uses ``PIL.Image.LANCZOS`` (antialiased).
+Resampling uses ``PIL.Image.LANCZOS`` (antialiased). Images of ``folder`` and ``imagenet``
+are first turned upright as their EXIF orientation tag says (photos from cameras).
 
 ``dataset[i]`` (for a plain ``DataLoader``) gives ``(image, label)`` with the image after
 :meth:`~ImageDataset.eval_transform` and ``label = tensor(-1)`` for unlabelled datasets.
@@ -79,6 +81,7 @@ from .base import (
     DatasetError,
     ImageDataset,
     LazyImageDataset,
+    RandomCropImageDataset,
     TensorImageDataset,
 )
 from .toy import TOY_DATASETS, TOY_SPLIT_SIZES, VectorDataset, toy_dataset
@@ -93,6 +96,7 @@ __all__ = [
     "DatasetError",
     "ImageDataset",
     "LazyImageDataset",
+    "RandomCropImageDataset",
     "TensorImageDataset",
     "VectorDataset",
     "load_dataset",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 RESAMPLE = Image.LANCZOS  # filter for every resize (antialiased when downsampling)
@@ -20,6 +20,24 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 class DatasetError(ValueError):
     """A dataset file is missing, truncated, corrupt or wrongly formatted (message names it)."""
+
+
+EXIF_ORIENTATION = 0x0112  # EXIF tag: how the camera was held; values 5-8 turn by 90 degrees
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as a viewer shows it: turned and flipped as its EXIF orientation says (photos
+    from phones and cameras are stored sideways with that tag)."""
+    return ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(image)``, read from the header (an EXIF block
+    after a PNG's pixel data is not seen: such an image fails its size check when decoded)."""
+    width, height = image.size
+    if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+        return height, width
+    return width, height
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +52,8 @@ class ImageDataset(torch.utils.data.Dataset):
         name, split: as given to :func:`load_dataset`.
         image_shape: ``(C, H, W)`` of images after :meth:`train_transform`/:meth:`eval_transform`.
         stored_shape: ``(C, H, W)`` of images returned by :meth:`get_batch` (differs from
-            ``image_shape`` only for LSUN: 96x96 stored, 64x64 after the transforms).
+            ``image_shape`` only for LSUN: the centre 96x96 of each image, 64x64 after the
+            transforms).
         num_classes: class count, attribute count for attribute vectors, ``None`` if unlabelled.
         label_kind: ``"class"``, ``"attributes"`` or ``None``.
         labels: ``int64 (N,)``, ``float32 (N, A)`` or ``None``.
@@ -98,9 +117,18 @@ class ImageDataset(torch.utils.data.Dataset):
         """Images ``uint8 (B, *stored_shape)`` and labels (``int64 (B,)``, ``float32 (B, A)``
         or ``None``) of the items at ``indices`` (1-D, ints in ``[0, len)``); deterministic."""
         idx = self._check_indices(indices)
-        images = self._load_images(idx)
-        labels = None if self.labels is None else self.labels[torch.from_numpy(idx)]
-        return images, labels
+        return self._load_images(idx), self._labels(idx)
+
+    def _labels(self, idx: np.ndarray) -> torch.Tensor | None:
+        return None if self.labels is None else self.labels[torch.from_numpy(idx)]
+
+    def train_batch(self, indices: torch.Tensor | Sequence[int], generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What training reads: the images at ``indices`` augmented, uint8 ``(B, *image_shape)``,
+        and their labels. Draws only from ``generator``, and only once every image is decoded
+        (a bad file raises :class:`DatasetError` with the generator untouched)."""
+        images, labels = self.get_batch(indices)
+        return self.train_transform(images, generator), labels
 
     def train_transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random augmentation of a uint8 ``(B, C, H, W)`` batch, drawing only from ``generator``.
@@ -199,12 +227,70 @@ class LazyImageDataset(ImageDataset):
             raise
         except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{name}: cannot decode image ({e})") from e
-        if array.shape != self.stored_shape:
-            raise DatasetError(f"{name}: decoded to shape {array.shape}, expected "
-                               f"{self.stored_shape}")
+        self._check_decoded(array, name)
         if self.cache:
             self._cache[i] = array
         return array
+
+    def _check_decoded(self, array: np.ndarray, name: str) -> None:
+        if array.shape != self.stored_shape:
+            raise DatasetError(f"{name}: decoded to shape {array.shape}, expected "
+                               f"{self.stored_shape}")
+
+
+class RandomCropImageDataset(LazyImageDataset):
+    """Image files of varying size, decoded to ``(C, H, W)`` with ``min(H, W)`` equal to the
+    stored side (LSUN: the smaller side resized to 96, the aspect ratio kept).
+
+    Training takes a uniformly placed ``crop_size`` square anywhere in the whole decoded image,
+    as the official LSUN pipeline does (``tf.random_crop`` of the full resized image), then a
+    flip.  :meth:`get_batch`, which must return one shape, gives the centre ``stored_shape``
+    square of each image, and :meth:`eval_transform` its centre ``crop_size`` crop.  The cache
+    estimate allows for images up to twice as long as they are wide.
+    """
+
+    def __init__(self, source: FileSource | ZipSource,
+                 decoder: Callable[[Image.Image, str], np.ndarray], **kwargs) -> None:
+        super().__init__(source, decoder, **kwargs)
+        if self.crop_size is None or self.stored_shape[1] != self.stored_shape[2]:
+            raise ValueError("a random-crop dataset needs crop_size and a square stored_shape")
+        self.cache = 2 * len(source) * int(np.prod(self.stored_shape)) <= cache_limit_bytes()
+
+    def _check_decoded(self, array: np.ndarray, name: str) -> None:
+        channels, side = self.stored_shape[:2]
+        if array.ndim != 3 or array.shape[0] != channels or min(array.shape[1:]) != side:
+            raise DatasetError(f"{name}: decoded to shape {array.shape}, expected ({channels}, "
+                               f"H, W) with min(H, W) = {side}")
+
+    def _load_images(self, idx: np.ndarray) -> torch.Tensor:
+        side = self.stored_shape[1]
+        squares = [_centre(self._decode(i), side) for i in idx.tolist()]
+        return torch.from_numpy(np.stack(squares) if squares
+                                else np.empty((0, *self.stored_shape), np.uint8))
+
+    def train_batch(self, indices: torch.Tensor | Sequence[int], generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = self._check_indices(indices)
+        full = [self._decode(i) for i in idx.tolist()]  # every file read before any draw
+        # Crop corners as fractions of the free range: the draws do not depend on image sizes.
+        corner = torch.rand((len(idx), 2), generator=generator, device=generator.device,
+                            dtype=torch.float64).cpu()
+        size = self.crop_size
+        crops = np.empty((len(idx), self.stored_shape[0], size, size), np.uint8)
+        for k, (array, (u, v)) in enumerate(zip(full, corner.tolist(), strict=True)):
+            top = int(u * (array.shape[1] - size + 1))
+            left = int(v * (array.shape[2] - size + 1))
+            crops[k] = array[:, top:top + size, left:left + size]
+        images = torch.from_numpy(crops)
+        if self.random_flip:
+            images = _random_hflip(images, generator)
+        return images, self._labels(idx)
+
+
+def _centre(array: np.ndarray, side: int) -> np.ndarray:
+    """The centre ``side`` x ``side`` square of a ``(C, H, W)`` array."""
+    top, left = (array.shape[1] - side) // 2, (array.shape[2] - side) // 2
+    return array[:, top:top + side, left:left + side]
 
 
 class FileSource:

@@ -26,6 +26,7 @@ from .base import (
     FileSource,
     ImageDataset,
     LazyImageDataset,
+    RandomCropImageDataset,
     TensorImageDataset,
     ZipSource,
     default_slice,
@@ -33,6 +34,8 @@ from .base import (
     nonempty_listing,
     split_positions,
     to_chw,
+    upright,
+    upright_size,
 )
 
 try:  # numpy >= 2
@@ -73,20 +76,21 @@ def check_eight_bit(mode: str, name: str) -> None:
 
 
 def _decode_lsun(image: Image.Image, name: str) -> np.ndarray:
-    """Resize so the smaller side is 96 (aspect kept), then take the centre 96x96 square."""
+    """Resize so the smaller side is 96, the aspect ratio kept (the whole image is kept: the
+    random 64x64 training crops are taken anywhere in it)."""
     check_eight_bit(image.mode, name)
     image = image.convert("RGB")
     w, h = image.size
     scale = LSUN_STORED / min(w, h)
     nw, nh = max(LSUN_STORED, round(w * scale)), max(LSUN_STORED, round(h * scale))
-    image = image.resize((nw, nh), RESAMPLE)
-    left, top = (nw - LSUN_STORED) // 2, (nh - LSUN_STORED) // 2
-    return to_chw(image.crop((left, top, left + LSUN_STORED, top + LSUN_STORED)))
+    return to_chw(image.resize((nw, nh), RESAMPLE))
 
 
 def _decode_sized(image: Image.Image, name: str, *, size: tuple[int, int], mode: str,
                   strict_mode: bool) -> np.ndarray:
-    """Check the size (and with ``strict_mode`` the PIL mode), convert to ``mode``."""
+    """Turn upright (EXIF), check the size (and with ``strict_mode`` the PIL mode), convert to
+    ``mode``."""
+    image = upright(image)
     if image.size != size or (strict_mode and image.mode != mode):
         raise DatasetError(f"{name}: image is {image.size[0]}x{image.size[1]} mode {image.mode},"
                            f" expected {size[0]}x{size[1]}" + (f" {mode}" if strict_mode else ""))
@@ -378,7 +382,8 @@ def load_celeba(data_dir: Path, split: str) -> ImageDataset:
 
 
 def load_lsun(data_dir: Path, split: str, seed: int, valid_size: int | None) -> ImageDataset:
-    """One LSUN category exported as image files, stored at 96x96, cropped to 64x64."""
+    """One LSUN category exported as image files: the smaller side resized to 96, random 64x64
+    crops of the whole image for training, the centre 64x64 for evaluation."""
     valid_dirs = [d for d in (data_dir / "valid", data_dir / "val") if d.is_dir()]
     if (data_dir / "train").is_dir() and valid_dirs:
         root = data_dir / "train" if split == "train" else valid_dirs[0]
@@ -390,7 +395,7 @@ def load_lsun(data_dir: Path, split: str, seed: int, valid_size: int | None) -> 
         size = default_slice(len(all_names), 3000) if valid_size is None else valid_size
         pos = split_positions(len(all_names), split, size, seed, "lsun")
         names = [all_names[i] for i in pos]
-    return LazyImageDataset(
+    return RandomCropImageDataset(
         FileSource(root, names), _decode_lsun, name="lsun", split=split, source_indices=pos,
         stored_shape=(3, LSUN_STORED, LSUN_STORED), random_flip=True, crop_size=LSUN_CROP)
 
@@ -422,7 +427,7 @@ def load_folder(data_dir: Path, split: str, seed: int, valid_size: int | None) -
     for name in all_names:  # headers only: cheap, and errors come before training
         try:
             with Image.open(data_dir / name) as image:
-                this_size, mode = image.size, image.mode
+                this_size, mode = upright_size(image), image.mode
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{data_dir / name}: cannot read image ({e})") from e
         if size is None:

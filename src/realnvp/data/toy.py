@@ -75,6 +75,10 @@ class VectorDataset(torch.utils.data.Dataset):
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.points[torch.as_tensor(indices, dtype=torch.long)], None
 
+    def train_batch(self, indices: torch.Tensor, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, None]:
+        return self.get_batch(indices)
+
     def train_transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return batch
 

@@ -6,7 +6,9 @@ import gzip
 import os
 import pickle
 import shutil
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +212,13 @@ def test_cifar10_bad_files(cifar_dir: Path, tmp_path: Path) -> None:
         load_dataset("cifar10", cifar_dir, valid_size=10)
     (folder / "data_batch_3").write_bytes(pickle.dumps({b"labels": [1, 2]}, protocol=2))
     with pytest.raises(DatasetError, match="data_batch_3.*data"):
+        load_dataset("cifar10", cifar_dir, valid_size=10)
+    images = np.zeros((3, 32, 32, 3), np.uint8)
+    write_cifar_batch(folder / "data_batch_3", images, np.array([0, 1, 2]))
+    batch = pickle.loads((folder / "data_batch_3").read_bytes())
+    batch[b"labels"] = [0, 1, 4.5]  # would be truncated to 4 by an int64 cast
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match="data_batch_3.*non-integer"):
         load_dataset("cifar10", cifar_dir, valid_size=10)
 
 
@@ -576,6 +585,54 @@ def test_exif_orientation_turns_photos_upright(tmp_path: Path) -> None:
     assert torch.equal(images, torch.from_numpy(upright_pixels[index]).permute(0, 3, 1, 2))
     read = read_images([tmp_path / "2.png", tmp_path / "0.png"], 3, (6, 4))
     assert torch.equal(read, torch.from_numpy(upright_pixels[[2, 0]]).permute(0, 3, 1, 2))
+
+
+def write_png16_rgb(path: Path, array: np.ndarray) -> None:
+    """A 16-bit RGB PNG (Pillow cannot write one): HWC uint16 ``array``."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    h, w, _ = array.shape
+    rows = b"".join(b"\0" + array[r].astype(">u2").tobytes() for r in range(h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0,
+                     0, 0)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_rgb_images_are_refused_not_cut_to_their_high_byte(tmp_path: Path) -> None:
+    from realnvp.figures import read_images
+
+    wide = np.full((8, 8, 3), 1000, np.uint16)
+    wide[0, 0] = (65535, 300, 7)
+    write_png16_rgb(tmp_path / "f" / "b.png", wide)
+    with Image.open(tmp_path / "f" / "b.png") as image:  # Pillow reads it as 8-bit RGB
+        assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 1, 0)
+    write_png(tmp_path / "f" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match="b.png: the image has 16-bit samples"):
+        load_dataset("folder", tmp_path / "f", "train", valid_size=0)
+    with pytest.raises(DatasetError, match="b.png: the image has 16-bit samples"):
+        read_images([tmp_path / "f" / "b.png"], 3, (8, 8))
+    write_png16_rgb(tmp_path / "lsun" / "0.png", np.full((100, 120, 3), 9, np.uint16))
+    with pytest.raises(DatasetError, match="0.png: the image has 16-bit samples"):
+        load_dataset("lsun", tmp_path / "lsun", "train", valid_size=0).get_batch([0])
+    assert len(read_images([tmp_path / "f" / "a.png"], 3, (8, 8))) == 1  # 8-bit still read
+
+
+def test_exif_orientation_in_xmp_is_read_from_the_header(tmp_path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    rng = np.random.default_rng(2)
+    upright_pixels = rng.integers(0, 256, (2, 6, 4, 3), dtype=np.uint8)
+    write_png(tmp_path / "0.png", upright_pixels[0])
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/>'
+                  '</x:xmpmeta>')
+    Image.fromarray(np.rot90(upright_pixels[1], k=1).copy()).save(tmp_path / "1.png",
+                                                                  pnginfo=info)
+    dataset = load_dataset("folder", tmp_path, "train", valid_size=0)
+    assert dataset.image_shape == (3, 6, 4)
+    images, _ = all_items(dataset)
+    assert torch.equal(images, torch.from_numpy(upright_pixels).permute(0, 3, 1, 2))
 
 
 # -------------------------------------------------------------------------- API and errors

@@ -177,6 +177,41 @@ def test_batchnorm_train_uses_batch_statistics_and_updates_running():
     assert torch.allclose(bn.inverse(z)[0], x)
 
 
+def test_layers_refuse_bad_settings_and_degenerate_batches():
+    for bad in (2, -1, 0.5):
+        with pytest.raises(ValueError, match="parity must be 0 or 1"):
+            checkerboard_mask(4, 4, bad)
+        with pytest.raises(ValueError, match="parity must be 0 or 1"):
+            channel_mask(4, bad)
+        with pytest.raises(ValueError, match="parity must be 0 or 1"):
+            AffineCoupling(ResNet(2, 4, 8, 1), "channel", bad)
+    for kwargs, match in (({"momentum": 0}, "momentum"), ({"momentum": 1.5}, "momentum"),
+                          ({"eps": 0}, "eps"), ({"eps": float("nan")}, "eps")):
+        with pytest.raises(ValueError, match=match):
+            BatchNormFlow(3, **kwargs)
+    # One value per channel: the batch variance is 0 and every input would map to 0.
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        BatchNormFlow(3).train()(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        BatchNormFlow(3).train()(torch.randn(1, 3, 1, 1))
+    y, _ = BatchNormFlow(3, mode="lagged").train()(torch.randn(1, 3))  # defined: blends running
+    assert torch.isfinite(y).all() and y.abs().sum() > 0
+    BatchNormFlow(3).train()(torch.randn(2, 3))
+    BatchNormFlow(3).train()(torch.randn(1, 3, 2, 1))
+
+
+@pytest.mark.parametrize("factory", [checkerboard_coupling, channel_coupling])
+def test_coupling_logdet_stays_float32_under_a_callers_autocast(factory):
+    coupling = perturb(factory(0), scale=0.3).eval()
+    x = torch.randn(2, 3, 8, 8) if factory is checkerboard_coupling else torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, logdet = coupling(x)
+        s, t = coupling.s_t(coupling.conditioner(x))
+    assert y.dtype == logdet.dtype == s.dtype == t.dtype == torch.float32
+    reference = coupling(x)[1]  # the same layer without autocast: bf16 networks differ a little
+    assert torch.allclose(logdet, reference, rtol=0.05, atol=0.5)
+
+
 def test_conditional_network_needs_cond():
     layer = checkerboard_coupling(0, cond=3)
     x = inputs((3, 4, 4), 2, torch.float32, pixels=False)

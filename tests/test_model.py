@@ -171,6 +171,9 @@ def test_evaluate_noise_is_per_image_whatever_the_batch_size():
         model.bits_per_dim(images, noise=torch.full_like(u[:, 0], float("nan")))
     with pytest.raises(ValueError, match="noise has shape"):
         model.bits_per_dim(images, noise=u[:5, 0])
+    for bad in (dict(batch_size=0), dict(max_images=-1), dict(samples=0), dict(batch_size=2.5)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            evaluate(model, data, **bad)
 
 
 def test_bits_per_dim_constant():
@@ -220,6 +223,57 @@ def test_bad_inputs_raise_specific_errors():
     vector = RealNVP(RealNVPConfig(input_shape=(4,)))
     with pytest.raises(ValueError, match="D = 4"):
         vector.log_prob(torch.zeros(2, 4, 1))
+
+
+def test_dequantize_checks_pixels_and_models_check_dtypes():
+    from realnvp import dequantize
+
+    half = torch.full((1, 1, 1, 2), 0.5)
+    x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
+    assert torch.allclose(dequantize(x, noise=half), torch.tensor([0.5, 255.5]) / 256)
+    for bad, n_bits, match in [(torch.tensor([[[[255, 300]]]]), 8, r"\[0, 255\]"),
+                               (x, 5, r"\[0, 31\]"),
+                               (torch.tensor([[[[0.3, 0.9]]]]), 8, "integer values"),
+                               (torch.tensor([[[[0.0, math.nan]]]]), 8, "NaN or infinite"),
+                               (x, 9, "n_bits")]:
+        with pytest.raises(ValueError, match=match):
+            dequantize(bad, n_bits, noise=half)
+    model = small_image_model((3, 8, 8), 2).eval()
+    ok = pixels((3, 8, 8), 2, torch.float32)
+    for call in (model.log_prob, model.encode):
+        with pytest.raises(TypeError, match="float64, the model's weights torch.float32"):
+            call(ok.double())
+    latents = model.encode(ok)
+    with pytest.raises(TypeError, match="float64"):
+        model.decode([z.double() for z in latents])
+    with pytest.raises(ValueError, match="4 dimensions.*unflatten_latents"):
+        model.decode([z.flatten(1) for z in latents])
+    with pytest.raises(ValueError, match=r"different batch sizes: \[2, 1\]"):
+        model.decode([latents[0], latents[1][:1]])
+    vector = RealNVP(RealNVPConfig(input_shape=(4,)))
+    with pytest.raises(TypeError, match="vectors are torch.float64"):
+        vector.log_prob(torch.zeros(2, 4, dtype=torch.float64))
+
+
+def test_eval_mode_leaves_each_submodule_in_its_own_mode():
+    import numpy as np
+
+    from realnvp import BatchNormFlow
+    from realnvp.data.base import TensorImageDataset
+    from realnvp.evaluate import evaluate
+
+    model = small_image_model((1, 4, 4), 2).train()
+    frozen = [m for m in model.modules() if isinstance(m, BatchNormFlow)]
+    for m in frozen:  # a user's choice: fixed statistics in an otherwise training model
+        m.eval()
+    images = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    model.decode(model.encode(pixels((1, 4, 4), 2, torch.float32)))
+    model.sample(2)
+    evaluate(model, TensorImageDataset(images.numpy(), name="t", split="test",
+                                       source_indices=np.arange(3)))
+    modes = {m: m.training for m in model.modules()}
+    assert frozen and not any(modes[m] for m in frozen)
+    assert all(training for m, training in modes.items() if m not in frozen)
 
 
 def test_non_finite_log_prob_raises():

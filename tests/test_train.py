@@ -210,6 +210,10 @@ def test_eval_and_sample_commands(tmp_path, capsys):
     assert fp32["precision"] == "fp32"
     assert abs(fp32["bits_per_dim"] - record["bits_per_dim"]) <= 0.01
     assert (fp32["bits_per_dim"] != record["bits_per_dim"]) == (record["precision"] == "bf16")
+    cli_main(["eval", "--checkpoint", str(run), "--dataset", "mnist-t10k", "--data-dir",
+              str(DEMO_DATA), "--split", "test", "--max-images", "1", "--json", str(out)])
+    one = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(name))  # strict
+    assert one["images"] == 1 and one["stderr"] is None and one["bits_per_dim"] > 0
     png = tmp_path / "samples.png"
     cli_main(["sample", "--checkpoint", str(run / "checkpoints" / "ckpt-0000002.pt"), "-n", "6",
               "--temperature", "0.7", "--nrow", "3", "--out", str(png)])
@@ -441,6 +445,20 @@ def test_random_flip_option_overrides_the_datasets_default(tmp_path, shared_data
     flipped = [bool(torch.equal(o, i.flip(-1)) and not torch.equal(o, i))
                for o, i in zip(out, images)]
     assert (20 < sum(flipped) < 44) if flip else not any(flipped)
+
+
+def test_four_channel_images_train_and_their_sample_grids_are_rgba(tmp_path):
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "rgba.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (40, 8, 8, 4), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (8, 8, 8, 4), dtype=np.uint8))
+    run = tmp_path / "run"
+    Trainer(RealNVPConfig(input_shape=(4, 8, 8), scales=1, res_blocks=1, features=4),
+            TrainConfig(dataset="npz", data_dir=str(npz), run_dir=str(run), steps=2,
+                        batch_size=8, sample_every=1, sample_count=4, eval_every=1000,
+                        progress=False)).run()
+    with Image.open(run / "samples" / "step-0000002.png") as grid:
+        assert grid.mode == "RGBA" and np.asarray(grid).shape[-1] == 4
 
 
 def test_resume_on_another_kind_of_device_reseeds_its_streams(tmp_path, capsys):

@@ -281,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         record = {**result.to_dict(), "dataset": args.dataset, "split": args.split,
                   "precision": model.precision,
                   "checkpoint": str(resolve_checkpoint(args.checkpoint))}
-        atomic_write_text(args.json, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -324,7 +324,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     test = load_dataset("mnist-t10k", DEMO_DATA, "test")
     result = evaluate(trainer.model, test)
     print(f"held-out MNIST: {result}")
-    atomic_write_text(args.run_dir / "result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write_text(args.run_dir / "result.json",
+                      json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     path = save_image_grid(trainer.model.sample(
         64, generator=torch.Generator().manual_seed(0)), args.run_dir / "samples.png")
     print(f"samples: {path}")

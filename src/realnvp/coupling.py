@@ -45,6 +45,8 @@ class AffineCoupling(Bijection):
         super().__init__()
         if mask not in ("checkerboard", "channel"):
             raise ValueError(f"mask must be 'checkerboard' or 'channel', got {mask!r}")
+        if parity not in (0, 1):
+            raise ValueError(f"parity must be 0 or 1, got {parity!r}")
         self.net = net
         self.mask = mask
         self.parity = parity
@@ -98,7 +100,9 @@ class AffineCoupling(Bijection):
         else:
             with torch.autocast(h.device.type, dtype=self.st_autocast):
                 raw = self.net(h, cond, b)
-            raw = raw.to(h.dtype)  # s, t, the affine map and the log-det stay in full precision
+        # s, t, the affine map and the log-det stay in full precision, also under a caller's
+        # own autocast region
+        raw = raw.to(h.dtype)
         raw_s, t = raw.chunk(2, dim=1)
         s = self.scale * torch.tanh(raw_s)
         if b is not None:  # checkerboard: s and t act on the b = 0 entries only

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .data import ImageDataset
-from .model import RealNVP
+from .model import RealNVP, eval_mode
 
 
 @dataclass
@@ -28,7 +28,8 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         key = "bits_per_dim" if self.unit == "bits/dim" else "nll_nats"
-        return {key: self.mean, "stderr": self.stderr, "images": self.n,
+        stderr = self.stderr if math.isfinite(self.stderr) else None  # one image: JSON null
+        return {key: self.mean, "stderr": stderr, "images": self.n,
                 "dequantization_samples": self.samples}
 
     def __str__(self) -> str:
@@ -55,8 +56,10 @@ def evaluate(
     ``batch_size`` (a CUDA generator's stream depends on the shape of each draw).
     Class-conditional models get the dataset's labels. The model is left in the mode it was in.
     """
-    if samples < 1:
-        raise ValueError(f"samples must be at least 1, got {samples}")
+    for name, value in (("samples", samples), ("batch_size", batch_size),
+                        ("max_images", 1 if max_images is None else max_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
@@ -69,10 +72,8 @@ def evaluate(
                          "the dataset has no labels")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
     values = []
-    try:
+    with eval_mode(model):
         for start in range(0, n, batch_size):
             index = torch.arange(start, min(start + batch_size, n))
             images, labels = dataset.get_batch(index)
@@ -89,8 +90,6 @@ def evaluate(
             bpd = sum(model.bits_per_dim(images, cond, noise=noise[:, s])
                       for s in range(samples)) / samples
             values.append(bpd.double().cpu())
-    finally:
-        model.train(was_training)
     per_image = torch.cat(values)
     stderr = per_image.std().item() / math.sqrt(n) if n > 1 else float("nan")
     unit = "bits/dim" if model.config.is_image else "nats"

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .checkpoint import atomic_write
-from .data.base import upright
+from .data.base import DatasetError, upright
 from .data.formats import check_eight_bit
 
 
@@ -51,13 +51,13 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2,
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] → an 8-bit PIL image (mode L for 1 channel, RGB for 3)."""
-    if image.dim() != 3 or image.shape[0] not in (1, 3):
-        raise ValueError(f"image must be (1 or 3, H, W), got shape {tuple(image.shape)}")
+    """(C, H, W) in [0, 1] → an 8-bit PIL image (mode L for 1 channel, RGB for 3, RGBA for 4)."""
+    if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image must be (1, 3 or 4, H, W), got shape {tuple(image.shape)}")
     array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     if array.shape[0] == 1:
-        return Image.fromarray(array[0], mode="L")
-    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+        return Image.fromarray(array[0])
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))  # RGB or RGBA
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
@@ -305,13 +305,12 @@ def read_images(paths: Sequence[str | Path], channels: int, size: tuple[int, int
     for path in paths:
         try:
             with Image.open(path) as image:
-                mode = image.mode
+                check_eight_bit(image, str(path))  # 16-bit or float images would be clipped
                 image = upright(image).convert("L" if channels == 1 else "RGB")
-        except FileNotFoundError:
+        except (FileNotFoundError, DatasetError):
             raise
         except (OSError, ValueError) as error:
             raise ValueError(f"{path}: cannot read the image ({error})") from error
-        check_eight_bit(mode, str(path))  # 16-bit or float images would be clipped
         if (image.height, image.width) != tuple(size):
             raise ValueError(f"{path} is {image.width}x{image.height} pixels; the model takes "
                              f"{size[1]}x{size[0]} images (resize or crop it first)")

@@ -166,6 +166,19 @@ def preset_config(name: str, **overrides: Any) -> RealNVPConfig:
     return dataclass_from_dict(RealNVPConfig, {**PRESETS[name], **overrides})
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and all its submodules in eval mode inside the block; afterwards each one is
+    back in its own mode (a batch norm frozen with ``.eval()`` stays frozen)."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 class RealNVP(nn.Module):
     """Real NVP density model for images or vectors; see the module docstring."""
 
@@ -262,10 +275,12 @@ class RealNVP(nn.Module):
                 raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
             if torch.isinf(x).any():
                 raise ValueError("x contains infinite values")
+            self._check_dtype(x, "the vectors")
             return
         if not x.is_floating_point():
             raise TypeError(f"x must hold dequantised pixels as floats in [0, 1), got {x.dtype}; "
                             "for integer pixels use bits_per_dim(x) or realnvp.dequantize(x)")
+        self._check_dtype(x, "the pixels")
         lo, hi = float(x.detach().min()), float(x.detach().max())
         top_ok = hi < 1 if self.config.logit_form == "paper" else hi <= 1
         if lo < 0 or not top_ok:
@@ -308,6 +323,11 @@ class RealNVP(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _check_dtype(self, x: Tensor, what: str) -> None:
+        if x.is_floating_point() and x.dtype != self._dtype():
+            raise TypeError(f"{what} are {x.dtype}, the model's weights {self._dtype()}: convert "
+                            f"one to the other (x.to(...) or model.to(...))")
+
     # -- the bijection x̃ → [z_1, …, z_L] ------------------------------------------------
 
     def _forward(
@@ -339,16 +359,10 @@ class RealNVP(nn.Module):
             h, _ = self.preprocess.inverse(h)
         return h
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def _eval_mode(self) -> contextlib.AbstractContextManager[None]:
         """Encoding, decoding and sampling always use the eval-mode bijection (running
         batch-norm statistics), whatever mode the module is in, and leave that mode as it was."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
+        return eval_mode(self)
 
     # -- run-time options (not part of the config, not saved) ------------------------------
 
@@ -453,19 +467,6 @@ class RealNVP(nn.Module):
         if not self.config.is_image:
             raise ValueError("bits_per_dim is for image models; use log_prob for vectors")
         self._check_input(x, "x")
-        if not 1 <= n_bits <= 8:
-            raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError("x contains infinite values")
-        if x.is_floating_point() and not torch.equal(x, x.round()):
-            raise ValueError("bits_per_dim takes integer pixel values (e.g. uint8), got "
-                             "non-integer floats; for dequantised pixels use log_prob")
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > 2**n_bits - 1:
-            raise ValueError(f"{n_bits}-bit pixel values must be in [0, {2**n_bits - 1}], got "
-                             f"[{lo}, {hi}]")
-        if noise is not None and noise.numel() and not (0 <= noise.min() and noise.max() < 1):
-            raise ValueError("noise must lie in [0, 1) (a uniform dequantisation draw)")
         x_tilde = dequantize(x.to(self._device()), n_bits, generator, noise=noise
                              ).to(self._dtype())
         return bits_per_dim(self.log_prob(x_tilde, cond), x[0].numel(), n_bits)
@@ -498,6 +499,17 @@ class RealNVP(nn.Module):
         if not isinstance(latents, (list, tuple)) or len(latents) != len(self.scales):
             raise ValueError(f"decode takes a list of {len(self.scales)} latent tensors, one per "
                              "scale, as returned by encode")
+        if not all(isinstance(z, Tensor) for z in latents):
+            raise TypeError("decode takes a list of tensors")
+        dims = 1 + (3 if self.config.is_image else 1)
+        if any(z.dim() != dims for z in latents):
+            raise ValueError(f"each latent must have {dims} dimensions (batch first, as encode "
+                             f"returns them), got shapes {[tuple(z.shape) for z in latents]}; "
+                             "for one flat vector per image use unflatten_latents")
+        if len({z.shape[0] for z in latents}) > 1:
+            raise ValueError(f"the latents have different batch sizes: "
+                             f"{[z.shape[0] for z in latents]}")
+        self._check_dtype(latents[0], "the latents")
         if self.config.is_image:
             n, c, h, w = latents[0].shape
             expected = self.latent_shapes((h * 2, w * 2) if len(self.scales) > 1 else (h, w))

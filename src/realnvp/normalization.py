@@ -43,6 +43,10 @@ class BatchNormFlow(Bijection):
         super().__init__()
         if mode not in ("batch", "lagged"):
             raise ValueError(f"batch norm mode must be 'batch' or 'lagged', got {mode!r}")
+        if not 0 < momentum <= 1:
+            raise ValueError(f"batch norm momentum must be in (0, 1], got {momentum}")
+        if not eps > 0:
+            raise ValueError(f"batch norm eps must be positive, got {eps}")
         self.momentum = momentum
         self.eps = eps
         self.mode = mode
@@ -72,6 +76,11 @@ class BatchNormFlow(Bijection):
         if not self.training:
             return self.running_mean, self.running_var
         dims, _, _ = self._shape(x)
+        if self.mode == "batch" and not self.sync_stats and x.numel() <= x.shape[1]:
+            # One value per channel: σ² = 0 maps every input to 0 with a log-det of −½ log ε.
+            raise ValueError(f"batch norm in train mode needs more than one value per channel, "
+                             f"got a batch of shape {tuple(x.shape)} (use a larger batch, "
+                             "batch_norm='lagged', or eval mode)")
         mean, var = batch_mean_var(x, dims, sync=self.sync_stats)
         m = self.momentum
         if self.mode == "lagged":

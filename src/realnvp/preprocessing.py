@@ -58,17 +58,38 @@ def dequantize(x: Tensor, n_bits: int = 8, generator: torch.Generator | None = N
     """Integer pixels (any dtype) in {0, …, 2ⁿ − 1} → x̃ = (x + u) / 2ⁿ, u ~ U[0, 1), float32.
 
     ``u`` is drawn from ``generator``, or given as ``noise`` (values in [0, 1), x's shape).
+    Non-integer, out-of-range or non-finite pixels are a ValueError (checking them reads values
+    back from the device, except for uint8 pixels at 8 bits, which need no check).
     In float32, 255 + u rounds up to 256 for u within 2⁻¹⁷ of 1, which would put x̃ on the
     logit's pole at 1; x̃ is therefore capped at the largest float32 below 1.
     """
+    _check_pixels(x, n_bits)
     x = x.float()
     if noise is None:
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     elif noise.shape != x.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, the pixels {tuple(x.shape)}")
+    elif noise.numel() and not (0 <= noise.min() and noise.max() < 1):
+        raise ValueError("noise must lie in [0, 1) (a uniform dequantisation draw)")
     else:
         u = noise.to(x.device, x.dtype)
     return ((x + u) / 2**n_bits).clamp(max=1 - torch.finfo(x.dtype).eps / 2)
+
+
+def _check_pixels(x: Tensor, n_bits: int) -> None:
+    if not 1 <= n_bits <= 8:
+        raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+    if x.is_floating_point():
+        if not torch.isfinite(x).all():
+            raise ValueError("pixels contain NaN or infinite values")
+        if not torch.equal(x, x.round()):
+            raise ValueError("pixels must be integer values (e.g. uint8), got non-integer "
+                             "floats; for dequantised pixels in [0, 1] use log_prob directly")
+    if (x.dtype != torch.uint8 or n_bits < 8) and x.numel():
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 2**n_bits - 1:
+            raise ValueError(f"{n_bits}-bit pixel values must be in [0, {2**n_bits - 1}], got "
+                             f"[{lo}, {hi}]")
 
 
 def bits_per_dim(log_prob: Tensor, num_dims: int, n_bits: int = 8) -> Tensor:

@@ -637,8 +637,11 @@ class Trainer:
         if not self.dist.is_main:
             return
         record = {"time": round(time.time(), 3), **record}
+        # NaN and infinity are not JSON: strict readers (jq, JavaScript) would reject the file
+        strict = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):

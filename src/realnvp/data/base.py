@@ -32,10 +32,13 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of :func:`upright` ``(image)``, read from the header (an EXIF block
-    after a PNG's pixel data is not seen: such an image fails its size check when decoded)."""
+    """``(width, height)`` of :func:`upright` ``(image)``, read from the header without decoding
+    (an EXIF chunk after a PNG's pixel data is not seen: such an image fails its size check
+    when decoded)."""
     width, height = image.size
-    if "exif" in image.info and image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+    # Image.getexif reads the header's EXIF, XMP and raw-profile tags; PNG's own getexif would
+    # decode the whole file to look for an EXIF chunk after the pixels.
+    if Image.Image.getexif(image).get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
         return height, width
     return width, height
 

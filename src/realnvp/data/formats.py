@@ -10,6 +10,7 @@ import codecs
 import functools
 import gzip
 import pickle
+import re
 import struct
 import zipfile
 import zlib
@@ -69,16 +70,28 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 GRAY_MODES = ("1", "L", "LA")
 
 
-def check_eight_bit(mode: str, name: str) -> None:
-    if mode not in EIGHT_BIT_MODES:
-        raise DatasetError(f"{name}: image mode {mode} does not hold 8-bit pixels (16-bit or "
-                           "float images would be clipped at 255); convert it to 8-bit first")
+# Raw modes of 16- and 32-bit samples ("RGB;16B": a 16-bit RGB PNG): Pillow opens such images
+# as mode RGB(A) or LA and keeps the high byte of each sample, silently.
+WIDE_RAW_MODE = re.compile(r";(16|32)[BLN]")
+
+
+def check_eight_bit(image: Image.Image, name: str) -> None:
+    """Refuse an image (just opened, not yet loaded) whose samples are wider than 8 bits."""
+    if image.mode not in EIGHT_BIT_MODES:
+        raise DatasetError(f"{name}: image mode {image.mode} does not hold 8-bit pixels (16-bit "
+                           "or float images would be clipped at 255); convert it to 8-bit first")
+    for tile in image.tile:
+        raw = tile[3][0] if isinstance(tile[3], tuple) and tile[3] else tile[3]
+        if isinstance(raw, str) and WIDE_RAW_MODE.search(raw):
+            raise DatasetError(f"{name}: the image has 16-bit samples (raw mode {raw}; reading "
+                               "it as 8-bit would keep only the high byte); convert it to "
+                               "8-bit first")
 
 
 def _decode_lsun(image: Image.Image, name: str) -> np.ndarray:
     """Resize so the smaller side is 96, the aspect ratio kept (the whole image is kept: the
     random 64x64 training crops are taken anywhere in it)."""
-    check_eight_bit(image.mode, name)
+    check_eight_bit(image, name)
     image = image.convert("RGB")
     w, h = image.size
     scale = LSUN_STORED / min(w, h)
@@ -90,6 +103,7 @@ def _decode_sized(image: Image.Image, name: str, *, size: tuple[int, int], mode:
                   strict_mode: bool) -> np.ndarray:
     """Turn upright (EXIF), check the size (and with ``strict_mode`` the PIL mode), convert to
     ``mode``."""
+    check_eight_bit(image, name)
     image = upright(image)
     if image.size != size or (strict_mode and image.mode != mode):
         raise DatasetError(f"{name}: image is {image.size[0]}x{image.size[1]} mode {image.mode},"
@@ -233,9 +247,12 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             or data.shape[1] != 3072:
         raise DatasetError(f"{path}: 'data' must be a uint8 array of shape (N, 3072)")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        found = np.asarray(labels)
+        labels = found.astype(np.int64)
     except (TypeError, ValueError) as e:
         raise DatasetError(f"{path}: 'labels' is not a list of integers") from e
+    if found.dtype.kind not in "iub" and not np.array_equal(found, labels):
+        raise DatasetError(f"{path}: 'labels' holds non-integer values")
     if labels.shape != (len(data),) or (labels.size and (labels.min() < 0 or labels.max() > 9)):
         raise DatasetError(f"{path}: 'labels' must be {len(data)} integers in 0..9")
     # Each row is 1024 red, 1024 green, 1024 blue values, each a row-major 32x32 plane.
@@ -406,8 +423,9 @@ def load_imagenet(data_dir: Path, split: str, size: int) -> ImageDataset:
     if not folder.is_dir():
         hint = ""
         if any(data_dir.glob("*.npz")) or any(data_dir.glob("*data_batch*")):
-            hint = ("; the npz batches of Chrabaszcz et al. are a different 'Imagenet32' and are "
-                    "not accepted under this name (load them with the 'npz' dataset)")
+            hint = ("; the npz batches of Chrabaszcz et al. are a different 'Imagenet32' (other "
+                    "images, other numbers) and are not read by this library; to use them, "
+                    "convert them to one npz with x_train and x_test for the 'npz' dataset")
         raise DatasetError(f"{folder}: folder not found (expected the PNG folder of van den "
                            f"Oord's downsampled ImageNet {size}x{size}){hint}")
     names = nonempty_listing(folder, f"{size}x{size} PNG images", (".png",))
@@ -428,6 +446,9 @@ def load_folder(data_dir: Path, split: str, seed: int, valid_size: int | None) -
         try:
             with Image.open(data_dir / name) as image:
                 this_size, mode = upright_size(image), image.mode
+                check_eight_bit(image, str(data_dir / name))
+        except DatasetError:
+            raise
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DatasetError(f"{data_dir / name}: cannot read image ({e})") from e
         if size is None:
@@ -436,7 +457,6 @@ def load_folder(data_dir: Path, split: str, seed: int, valid_size: int | None) -
             raise DatasetError(f"{data_dir / name}: image is {this_size[0]}x{this_size[1]} but "
                                f"{first} is {size[0]}x{size[1]}; the folder dataset needs "
                                "images of one size")
-        check_eight_bit(mode, str(data_dir / name))
         gray = gray and mode in GRAY_MODES
     n = len(all_names)
     pos = split_positions(n, split, default_slice(n, n) if valid_size is None else valid_size,

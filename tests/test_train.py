@@ -3,9 +3,11 @@ and the train / eval / sample commands."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,9 +31,13 @@ from realnvp.train import (
     Objective,
     TrainConfig,
     Trainer,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
+    resolve_checkpoint,
+    run_configs,
     save_checkpoint,
+    step_checkpoints,
 )
 
 TINY = ["--scales", "2", "--res-blocks", "1", "--features", "8"]
@@ -405,6 +411,100 @@ def test_a_bad_image_mid_run_stops_with_a_checkpoint_of_the_step_reached(tmp_pat
     assert (state["step"], state["epoch"], state["epoch_offset"]) == (3, 0, 24)
     resumed = Trainer(model, config)
     assert resumed.state.step == 3 and resumed.run().step == 6
+
+
+@pytest.mark.parametrize("failure", ["bad validation image", "non-finite validation"])
+def test_a_validation_that_stops_the_run_keeps_its_steps(tmp_path, monkeypatch, failure):
+    trainer = make_trainer(tmp_path, steps=6, checkpoint_every=100, eval_every=3)
+
+    def failing(*args, **kwargs):
+        if failure == "bad validation image":
+            raise DatasetError("x/07.png: cannot decode image (truncated)")
+        raise FloatingPointError("log_prob produced a non-finite value")
+
+    if failure == "bad validation image":
+        monkeypatch.setattr(trainer.valid_set, "get_batch", failing)
+        expected = (DatasetError, "07.png")
+    else:
+        monkeypatch.setattr("realnvp.train.evaluate", failing)
+        expected = (FloatingPointError, "validation at step 3: log_prob")
+    with pytest.raises(expected[0], match=expected[1]):
+        trainer.run()
+    assert latest_checkpoint(tmp_path).name == "ckpt-0000003.pt"
+    assert make_trainer(tmp_path, steps=6).state.step == 3
+
+
+def test_resume_refuses_a_changed_split_seed_conditioning_or_fewer_steps(tmp_path):
+    make_trainer(tmp_path, steps=2).run()
+    config = (tmp_path / "config.toml").read_text()
+    for change, match in [(dict(seed=1), "seed 0 → 1"),
+                          (dict(valid_size=50), "valid_size None → 50"),
+                          (dict(conditional=True), "conditional False → True"),
+                          (dict(steps=1), "at step 2 already, past steps=1")]:
+        with pytest.raises(ValueError, match=match):
+            make_trainer(tmp_path, **{"steps": 4, **change})
+    assert (tmp_path / "config.toml").read_text() == config  # nothing rewritten
+    assert make_trainer(tmp_path, steps=4, lr=5e-4).state.step == 2  # other options may change
+
+
+def test_a_best_model_of_another_run_is_refused_or_ignored(tmp_path):
+    other = tmp_path / "other"
+    make_trainer(other, steps=2).run()
+    best = load_checkpoint(checkpoint_dir(other) / "best.pt")
+    best["run_state"]["best_valid_bpd"] = 0.5  # better than anything this run will reach
+    torch.save(best, checkpoint_dir(other) / "best.pt")
+    fresh = tmp_path / "fresh"
+    checkpoint_dir(fresh).mkdir(parents=True)
+    shutil.copy(checkpoint_dir(other) / "best.pt", checkpoint_dir(fresh) / "best.pt")
+    make_trainer(fresh, steps=2)  # the same architecture, split and seed: the same steps
+    with pytest.raises(ValueError, match="best model of another run"):
+        make_trainer(fresh, steps=2, seed=1)
+    run = tmp_path / "run"
+    make_trainer(run, steps=2, seed=1).run()
+    own = load_checkpoint(latest_checkpoint(run))["run_state"]["best_valid_bpd"]
+    shutil.copy(checkpoint_dir(other) / "best.pt", checkpoint_dir(run) / "best.pt")
+    resumed = make_trainer(run, steps=4, seed=1)
+    assert resumed.state.best_valid_bpd == own > 0.5
+
+
+def test_checkpoints_are_ordered_by_step_and_a_best_only_run_resolves(tmp_path):
+    folder = checkpoint_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for name in ("ckpt-9999000.pt", "ckpt-10000000.pt", "ckpt-9999500.pt", "ckpt-backup.pt"):
+        (folder / name).write_bytes(b"")
+    assert [p.name for p in step_checkpoints(tmp_path)] == [
+        "ckpt-9999000.pt", "ckpt-9999500.pt", "ckpt-10000000.pt"]
+    assert latest_checkpoint(tmp_path).name == "ckpt-10000000.pt"
+    run = tmp_path / "run"
+    make_trainer(run, steps=2).run()
+    only_best = tmp_path / "only-best"
+    checkpoint_dir(only_best).mkdir(parents=True)
+    shutil.copy(checkpoint_dir(run) / "best.pt", checkpoint_dir(only_best) / "best.pt")
+    assert resolve_checkpoint(only_best, prefer="latest").name == "best.pt"
+    assert run_configs(only_best)[1].seed == 0
+
+
+def test_bad_device_seed_batch_and_missing_tensorboard_fail_before_any_file(tmp_path,
+                                                                            monkeypatch):
+    from realnvp.distributed import pick_device
+
+    with pytest.raises(ValueError, match="unknown device 'foo'"):
+        pick_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device("cuda")
+    for seed in (-1, 2**40, 1.5):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            TrainConfig(seed=seed)
+    with pytest.raises(ValueError, match="fewer than one batch of 20000"):
+        make_trainer(tmp_path / "big", batch_size=20000)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="tensorboard package"):
+        make_trainer(tmp_path / "tb", tensorboard=True)
+    assert not (tmp_path / "big").exists() or not any((tmp_path / "big").iterdir())
+    assert not (tmp_path / "tb").exists()
 
 
 def test_restart_drops_redone_and_cut_short_metrics(tmp_path):

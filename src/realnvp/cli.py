@@ -16,6 +16,7 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +90,19 @@ def _picked(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     return values
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _int_at_least(low: int, meaning: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {meaning}, got {value}")
+        return value
+    parse.__name__ = "integer"  # argparse's "invalid integer value: 'x'"
+    return parse
+
+
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     p.add_argument("--valid-size", type=int, default=None,
                    help="validation slice size, as in training (default: the run's)")
-    p.add_argument("--split-seed", type=int, default=None,
+    p.add_argument("--split-seed", type=nonnegative_int, default=None,
                    help="seed that chose the validation slice (default: the run's --seed)")
     p.add_argument("--device", default="auto")
     add_precision_option(p)

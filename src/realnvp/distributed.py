@@ -50,9 +50,18 @@ class DistributedContext:
 
 
 def pick_device(name: str) -> torch.device:
+    """"auto" (a GPU if there is one, else the CPU) or a device name that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:K") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine (this PyTorch) has no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) here")
+    return device
 
 
 def setup(device: str = "auto") -> DistributedContext:

@@ -34,13 +34,17 @@ meet other noise. Only rank 0 writes files (checkpoints, samples, metrics, confi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import json
 import math
+import re
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +140,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer "
                                  f">= {low}, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not (self.lr > 0 and self.grad_clip > 0 and self.l2 >= 0
                 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("need lr > 0, grad_clip > 0, l2 >= 0 and betas in [0, 1); got "
@@ -249,26 +256,63 @@ def run_split(run: tuple[RealNVPConfig, TrainConfig] | None, dataset: str
     return run[1].seed, run[1].valid_size
 
 
+# What a resumed run cannot change: the validation split (dataset, seed, valid_size), the random
+# streams (seed) and the model's inputs (conditional).
+FIXED_ON_RESUME = ("dataset", "seed", "valid_size", "conditional")
+
+
+def _fixed_changes(saved: TrainConfig, asked: TrainConfig) -> list[str]:
+    return [f"{k} {getattr(saved, k)!r} → {getattr(asked, k)!r}" for k in FIXED_ON_RESUME
+            if getattr(saved, k) != getattr(asked, k)]
+
+
+def _check_resume(path: Path, payload: dict, train: TrainConfig) -> None:
+    """Refuse a resume that would silently train another run: a changed split, seed or
+    conditioning, or fewer steps than the checkpoint has already taken."""
+    if "train_config" in payload:
+        changed = _fixed_changes(TrainConfig.from_dict(payload["train_config"]), train)
+        if changed:
+            raise ValueError(f"resuming from {path}: {', '.join(changed)}. A run keeps its "
+                             "dataset, seed, valid_size and conditioning (they fix its "
+                             "validation split, random streams and model); start a new "
+                             "run_dir to change them")
+    step = int(payload["run_state"]["step"])
+    if train.steps < step:
+        raise ValueError(f"resuming from {path}: the run is at step {step} already, past "
+                         f"steps={train.steps}; give steps >= {step}")
+
+
 # -- checkpoints --------------------------------------------------------------------------------
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)\.pt")
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's ``ckpt-STEP.pt`` files, oldest step first (by number: a copy named otherwise,
+    such as ckpt-backup.pt, is not one of them, and step 10,000,000 comes after 9,999,999)."""
+    found = [(int(m.group(1)), path) for path in checkpoint_dir(run_dir).glob("ckpt-*.pt")
+             if (m := CHECKPOINT_NAME.fullmatch(path.name))]
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest ``ckpt-STEP.pt`` of a run, or None."""
-    files = sorted(checkpoint_dir(run_dir).glob("ckpt-*.pt"))
+    files = step_checkpoints(run_dir)
     return files[-1] if files else None
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint file, or a run directory → its ``best.pt`` (``prefer="best"``) or its
-    latest checkpoint."""
+    latest checkpoint (its ``best.pt`` where it has only that)."""
     path = Path(path)
     if path.is_dir():
         best = checkpoint_dir(path) / "best.pt"
         latest = latest_checkpoint(path)
-        chosen = best if prefer == "best" and best.is_file() else latest
+        chosen = best if best.is_file() and (prefer == "best" or latest is None) else latest
         if chosen is None:
             raise CheckpointError(f"{path}: a run directory with no checkpoint in "
                                   f"{checkpoint_dir(path)}")
@@ -321,6 +365,13 @@ def epoch_order(n: int, epoch: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def check_batch_fits(n: int, batch_size: int, world_size: int = 1) -> None:
+    if batch_size * world_size > n:
+        processes = f" ({batch_size} × {world_size} processes)" if world_size > 1 else ""
+        raise ValueError(f"the training split has {n} images, fewer than one batch of "
+                         f"{batch_size * world_size}{processes}")
+
+
 def batch_indices(n: int, batch_size: int, epoch: int, offset: int, seed: int, rank: int = 0,
                   world_size: int = 1) -> tuple[Tensor, int, int]:
     """Rank ``rank``'s dataset indices for the training step at data position (epoch, offset),
@@ -331,11 +382,8 @@ def batch_indices(n: int, batch_size: int, epoch: int, offset: int, seed: int, r
     last partial batch is dropped); rank r takes its r-th slice of ``batch_size``. One process
     with batch 2B and two with batch B therefore use the same images at every step.
     """
+    check_batch_fits(n, batch_size, world_size)
     size = batch_size * world_size
-    if size > n:
-        processes = f" ({batch_size} × {world_size} processes)" if world_size > 1 else ""
-        raise ValueError(f"the training split has {n} images, fewer than one batch of "
-                         f"{size}{processes}")
     if offset + size > n:
         epoch, offset = epoch + 1, 0
     start = offset + rank * batch_size
@@ -430,6 +478,9 @@ class Trainer:
                  resume: bool = True) -> None:
         self.train_config = train
         self.run_dir = Path(train.run_dir)
+        if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ValueError("tensorboard logging needs the tensorboard package (pip install "
+                             "tensorboard), or train without it")
         set_malloc_policy(train.malloc)
         self.dist: DistributedContext = distributed.setup(train.device)
         self.device = self.dist.device
@@ -451,6 +502,7 @@ class Trainer:
                                   "every node shares")
         payload = load_checkpoint(latest, self.device) if latest else None
         if payload is not None:
+            _check_resume(latest, payload, train)
             model_config = RealNVPConfig.from_dict(payload["config"])
         elif train.conditional:
             model_config = self._conditional_config(model_config, self.train_set)
@@ -459,6 +511,10 @@ class Trainer:
                              f"{tuple(self.train_set.image_shape)}, the model expects "
                              f"{model_config.input_shape}: choose a matching preset or set "
                              "input_shape")
+        check_batch_fits(len(self.train_set), train.batch_size, self.dist.world_size)
+        self.model_config = model_config
+        if payload is None:
+            self._check_best_is_this_runs()
         torch.manual_seed(train.seed)  # the model's initial weights
         self.model = RealNVP(model_config).to(self.device)
         self.model.set_precision(train.precision).set_memory_mode(
@@ -507,17 +563,43 @@ class Trainer:
                                         purge_step=self.state.step + 1 if self.state.step else None)
 
     def _saved_best(self) -> float:
-        """The validation bits/dim of RUN/checkpoints/best.pt (inf if none): with
-        ``eval_every < checkpoint_every`` it can be newer, and better, than the checkpoint a run
-        resumes from, and a resume that is not exact must not replace it by a worse model."""
-        path = checkpoint_dir(self.run_dir) / "best.pt"
-        if not path.is_file():
+        """The validation bits/dim of RUN/checkpoints/best.pt (inf if none, or if it is not this
+        run's): with ``eval_every < checkpoint_every`` it can be newer, and better, than the
+        checkpoint a run resumes from, and a resume that is not exact must not replace it by a
+        worse model."""
+        payload = self._best_payload()
+        if payload is None or not self._is_this_runs(payload):
             return math.inf
         try:
-            return float(safe_load(path, CHECKPOINT_FORMAT, mmap=True)["run_state"]
-                         ["best_valid_bpd"])
-        except (CheckpointError, KeyError, TypeError):
+            return float(payload["run_state"]["best_valid_bpd"])
+        except (KeyError, TypeError):
             return math.inf  # unreadable: the next better evaluation rewrites it
+
+    def _best_payload(self) -> dict | None:
+        path = checkpoint_dir(self.run_dir) / "best.pt"
+        try:
+            return safe_load(path, CHECKPOINT_FORMAT, mmap=True) if path.is_file() else None
+        except CheckpointError:
+            return None
+
+    def _is_this_runs(self, payload: dict) -> bool:
+        """Whether a checkpoint was written by a run of this architecture on the same data
+        split and seed (such a run takes the same steps as this one)."""
+        try:
+            model = RealNVPConfig.from_dict(payload["config"])
+            train = TrainConfig.from_dict(payload["train_config"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return model == self.model_config and not _fixed_changes(train, self.train_config)
+
+    def _check_best_is_this_runs(self) -> None:
+        """A fresh start refuses a run directory whose best.pt another run wrote: it would be
+        taken for this run's best model (by eval, and by a later resume)."""
+        payload = self._best_payload()
+        if payload is not None and not self._is_this_runs(payload):
+            raise ValueError(f"{checkpoint_dir(self.run_dir) / 'best.pt'} is the best model of "
+                             "another run (other architecture, data split or seed): move it "
+                             "away, or start this run in another run_dir")
 
     def _restore_generator(self, name: str, generator: torch.Generator, state: Tensor) -> None:
         """The checkpoint's state of a random stream; a run moved to another kind of device
@@ -680,21 +762,34 @@ class Trainer:
         save_checkpoint(path, self.model, self.optimizer, self.state, self.train_config,
                         self.generators, self.dist.world_size)
 
-    def _save_before_stopping(self, skipped: torch.Tensor, bar: tqdm) -> None:
-        """A checkpoint of the current step, written when the run stops on bad data."""
-        self._count_skipped(skipped, check_limit=False)  # the run stops anyway
+    @contextlib.contextmanager
+    def _saved_if_stopped(self, skipped: torch.Tensor, bar: tqdm, what: str) -> Iterator[None]:
+        """Checkpoint the step reached if ``what`` stops the run: an image that cannot be
+        decoded (it shows up when its batch is first read, in training or validation), or a
+        non-finite validation score. On one process; with several, the others wait in the next
+        collective and torchrun stops them."""
         try:
-            path = self.checkpoint()
-        except FloatingPointError as error:  # a diverged model is not saved over a good one
-            bar.write(f"not saved before stopping: {error}")
-        else:
-            bar.write(f"saved {path} before stopping; replace the bad file and rerun to resume")
+            yield
+        except (DatasetError, FloatingPointError) as error:
+            if not self.dist.enabled and self.state.step > 0:
+                self._count_skipped(skipped, check_limit=False)  # the run stops anyway
+                fix = "replace the bad file" if isinstance(error, DatasetError) else \
+                    "change what diverged (a lower --lr, a warm-up)"
+                try:
+                    path = self.checkpoint()
+                except FloatingPointError as not_saved:  # a diverged model is not saved
+                    bar.write(f"not saved before stopping: {not_saved}")
+                else:
+                    bar.write(f"saved {path} before stopping; {fix} and rerun to resume")
+            if isinstance(error, FloatingPointError):
+                raise FloatingPointError(f"{what} at step {self.state.step}: {error}") from error
+            raise
 
     def checkpoint(self) -> Path:
         t, step = self.train_config, self.state.step
         path = checkpoint_dir(self.run_dir) / f"ckpt-{step:07d}.pt"
         self._save(path)
-        for old in sorted(checkpoint_dir(self.run_dir).glob("ckpt-*.pt"))[:-t.keep_checkpoints]:
+        for old in step_checkpoints(self.run_dir)[:-t.keep_checkpoints]:
             old.unlink()
         return path
 
@@ -706,15 +801,8 @@ class Trainer:
         images_seen, clock = 0, time.perf_counter()
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         while state.step < t.steps:
-            try:
+            with self._saved_if_stopped(skipped, bar, "training data"):
                 images, labels = self.next_batch()
-            except DatasetError:
-                # An image that cannot be decoded shows up when its batch is first read: keep
-                # the steps made since the last checkpoint (on one process; with several, the
-                # others wait in the next step's all-reduce and torchrun stops them).
-                if not self.dist.enabled and state.step > 0:
-                    self._save_before_stopping(skipped, bar)
-                raise
             lr = learning_rate(t, state.step)
             bpd, skipped_now = self.training_step(images, labels, lr)
             skipped += skipped_now
@@ -737,7 +825,8 @@ class Trainer:
             if evaluate_now or sample_now or checkpoint_now:
                 self._agree_on_running_stats()
             if evaluate_now:  # every process evaluates its shard
-                valid_bpd = self.evaluate()
+                with self._saved_if_stopped(skipped, bar, "validation"):
+                    valid_bpd = self.evaluate()
                 self.log({"step": state.step, "valid_bpd": valid_bpd})
                 unit = "bits/dim" if model.config.is_image else "nats"
                 if main:
@@ -747,7 +836,8 @@ class Trainer:
                     if main:
                         self._save(checkpoint_dir(self.run_dir) / "best.pt")
             if sample_now and main:
-                self.write_samples()  # vector models: see `realnvp toy`
+                with self._saved_if_stopped(skipped, bar, "the sample grid"):
+                    self.write_samples()  # vector models: see `realnvp toy`
             if checkpoint_now and main:
                 self.checkpoint()
             bar.update(1)

@@ -388,6 +388,10 @@ def test_label_and_input_errors_of_the_experiments(model, model_file, cond_model
         cli_main(["levels", "--checkpoint", str(model_file), *DATA, "-n", "0",
                   "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    for out, message in [(tmp_path / "x.jpg", "written as PNG"), (tmp_path, "is a folder")]:
+        with pytest.raises(SystemExit) as exit_info:  # refused before any work
+            cli_main(["levels", "--checkpoint", str(model_file), *DATA, "--out", str(out)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     # 16-bit image files are refused, not clipped
     deep = tmp_path / "deep.png"
     Image.fromarray(np.full((28, 28), 40000, np.uint16)).save(deep)

@@ -93,6 +93,44 @@ def make_trainer(run_dir: Path, steps: int = 4, **overrides) -> Trainer:
                    train)
 
 
+def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_there(tmp_path):
+    run = tmp_path / "run"
+    process = subprocess.Popen(train_command(run, 400, "--checkpoint-every", "1000",
+                                             "--log-every", "1"),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics, deadline = run / "metrics.jsonl", time.time() + 300
+    while process.poll() is None and time.time() < deadline and not (
+            metrics.exists() and metrics.read_text().count("train_bpd") >= 3):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)  # what a scheduler sends before it preempts a job
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    saved = latest_checkpoint(run)
+    step = load_checkpoint(saved)["run_state"]["step"]
+    assert 3 <= step < 400 and f"SIGTERM: saved {saved} at step {step}" in output
+    partial = checkpoint_dir(run) / f".{saved.name}.x1y2.tmp"  # as a kill mid-write leaves
+    partial.write_bytes(b"half a checkpoint")
+    resumed = make_trainer(run, steps=step + 1, batch_size=32)
+    assert resumed.state.step == step and not partial.exists()
+
+
+def test_ctrl_c_in_process_checkpoints_then_interrupts(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, steps=50, checkpoint_every=1000)
+    step = trainer.training_step
+
+    def interrupted_at_step_two(*args):
+        if trainer.state.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # handled after the step, not inside it
+        return step(*args)
+
+    monkeypatch.setattr(trainer, "training_step", interrupted_at_step_two)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert latest_checkpoint(tmp_path).name == "ckpt-0000002.pt"
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+
+
 def test_corrupt_checkpoint_gives_clear_error_and_previous_one_loads(tmp_path):
     make_trainer(tmp_path, steps=4).run()
     latest = latest_checkpoint(tmp_path)

@@ -28,7 +28,7 @@ from .checkpoint import atomic_write_text
 from .data import DATASETS, TOY_DATASETS, load_dataset
 from .distributed import pick_device
 from .evaluate import evaluate
-from .figures import make_grid, save_image_grid, save_png, side_by_side, upscale
+from .figures import make_grid, png_path, save_image_grid, save_png, side_by_side, upscale
 from .model import PRECISIONS, PRESETS, RealNVP, RealNVPConfig, inference_precision, preset_config
 from .train import (
     DEMO_DATA,
@@ -101,6 +101,14 @@ def _int_at_least(low: int, meaning: str) -> Callable[[str], int]:
     return parse
 
 
+def png_argument(text: str) -> Path:
+    """An argparse type: a path to write a PNG to (:func:`realnvp.figures.png_path`)."""
+    try:
+        return png_path(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 positive_int = _int_at_least(1, "a positive integer")
 nonnegative_int = _int_at_least(0, "an integer >= 0")
 
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_precision_option(p)
-    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    p.add_argument("--out", required=True, type=png_argument, help="PNG file to write")
 
     p = sub.add_parser("demo", help="train on the bundled MNIST files, evaluate, sample (~6 min)",
                        description="Train a small model on real MNIST (the bundled test-set "
@@ -354,3 +362,6 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError, FloatingPointError) as error:  # bad input, files, divergence
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
+    except KeyboardInterrupt:  # Ctrl-C: the trainer has said what it saved
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

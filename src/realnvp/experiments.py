@@ -460,9 +460,11 @@ def _write(image: Tensor, args: argparse.Namespace, what: str) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    from .cli import png_argument  # late import: cli imports this module
+
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint or model file, or a run directory (uses its best.pt)")
-    p.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    p.add_argument("--out", required=True, type=png_argument, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--device", default="auto")
 

@@ -60,9 +60,20 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))  # RGB or RGBA
 
 
+def png_path(text: str | Path) -> Path:
+    """A path to write a PNG to (also an argparse type): it must end in .png and not be a
+    folder, so that a figure's work is not lost at the end on a bad name."""
+    path = Path(text)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: figures are written as PNG; give a name ending in .png")
+    return path
+
+
 def save_png(image: Tensor, path: str | Path) -> Path:
     """Write a (C, H, W) image in [0, 1] as a PNG (folders created), atomically."""
-    path = Path(path)
+    path = png_path(path)
     atomic_write(path, lambda f: to_pil(image).save(f, format="PNG"))
     return path
 

@@ -42,7 +42,9 @@ import inspect
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -541,6 +543,8 @@ class Trainer:
             self.resumed_from = None
         if self.dist.is_main:  # a run killed before its first checkpoint starts at step 0
             self._truncate_metrics(self.state.step)
+            for partial in checkpoint_dir(self.run_dir).glob(".*.pt.*.tmp"):
+                partial.unlink(missing_ok=True)  # a checkpoint being written when killed
             write_config(self.run_dir / "config.toml", model_config, train)
         # Several processes: batch statistics over all of them (unless turned off), and
         # gradients averaged by DistributedDataParallel around the loss.
@@ -794,12 +798,22 @@ class Trainer:
         return path
 
     def run(self) -> RunState:
-        t, model, state, main = self.train_config, self.model, self.state, self.dist.is_main
-        model.train()
+        t, state, main = self.train_config, self.state, self.dist.is_main
+        self.model.train()
         bar = tqdm(total=t.steps, initial=state.step, disable=not (t.progress and main),
                    unit="step", dynamic_ncols=True)
-        images_seen, clock = 0, time.perf_counter()
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
+        with _stop_requests(enabled=not self.dist.enabled) as stop:
+            self._loop(bar, skipped, stop)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        distributed.barrier(self.dist)  # rank 0's last files exist when run() returns anywhere
+        return state
+
+    def _loop(self, bar: tqdm, skipped: Tensor, stop: StopRequest) -> None:
+        t, model, state, main = self.train_config, self.model, self.state, self.dist.is_main
+        images_seen, clock = 0, time.perf_counter()
         while state.step < t.steps:
             with self._saved_if_stopped(skipped, bar, "training data"):
                 images, labels = self.next_batch()
@@ -841,11 +855,47 @@ class Trainer:
             if checkpoint_now and main:
                 self.checkpoint()
             bar.update(1)
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
-        distributed.barrier(self.dist)  # rank 0's last files exist when run() returns anywhere
-        return state
+            if stop.signum is not None:  # SIGTERM (a scheduler's preemption) or Ctrl-C
+                if not checkpoint_now:
+                    self._count_skipped(skipped, check_limit=False)
+                    self.checkpoint()
+                name = signal.Signals(stop.signum).name
+                bar.write(f"{name}: saved {latest_checkpoint(self.run_dir)} at step "
+                          f"{state.step}; rerun to resume")
+                bar.close()
+                if stop.signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise SystemExit(128 + stop.signum)
+
+
+@dataclass
+class StopRequest:
+    """The signal that asked a run to stop (None: none yet)."""
+
+    signum: int | None = None
+
+
+@contextlib.contextmanager
+def _stop_requests(enabled: bool) -> Iterator[StopRequest]:
+    """While training, SIGTERM and SIGINT ask the loop to stop after the current step (it then
+    checkpoints); a second one stops at once. Off with several processes (saving needs every
+    process, and torchrun stops them anyway) and outside the main thread (no signals there)."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if request.signum is not None:  # the second signal: no more waiting
+            raise KeyboardInterrupt
+        request.signum = signum
+
+    previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def train(model_config: RealNVPConfig, train_config: TrainConfig) -> Trainer:

@@ -253,6 +253,8 @@ def test_dequantize_checks_pixels_and_models_check_dtypes():
     vector = RealNVP(RealNVPConfig(input_shape=(4,)))
     with pytest.raises(TypeError, match="vectors are torch.float64"):
         vector.log_prob(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="bf16 autocast works on float32 weights"):
+        small_image_model((3, 8, 8), 2).double().set_precision("bf16")
 
 
 def test_eval_mode_leaves_each_submodule_in_its_own_mode():

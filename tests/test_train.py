@@ -25,6 +25,7 @@ from realnvp.cli import _train_configs, build_parser
 from realnvp.cli import main as cli_main
 from realnvp.data import DatasetError, load_dataset
 from realnvp.evaluate import evaluate
+from realnvp.figures import make_grid
 from realnvp.model import inference_precision
 from realnvp.train import (
     DEMO_DATA,
@@ -472,6 +473,18 @@ def test_a_validation_that_stops_the_run_keeps_its_steps(tmp_path, monkeypatch, 
     assert make_trainer(tmp_path, steps=6).state.step == 3
 
 
+def test_conditional_sample_grids_cycle_the_labels_of_a_small_validation_set(tmp_path):
+    trainer = make_trainer(tmp_path, steps=1, conditional=True, valid_size=3, sample_count=7,
+                           eval_images=3)
+    assert len(trainer.valid_set) == 3
+    labels = trainer.valid_set.get_batch(torch.arange(3))[1]
+    path = trainer.write_samples()
+    with Image.open(path) as grid:
+        drawn = trainer.model.sample(7, cond=labels[torch.arange(7) % 3],
+                                     generator=torch.Generator().manual_seed(0))
+        assert grid.size == tuple(reversed(make_grid(drawn).shape[1:]))
+
+
 def test_resume_refuses_a_changed_split_seed_conditioning_or_fewer_steps(tmp_path):
     make_trainer(tmp_path, steps=2).run()
     config = (tmp_path / "config.toml").read_text()
@@ -541,6 +554,9 @@ def test_bad_device_seed_batch_and_missing_tensorboard_fail_before_any_file(tmp_
                         lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
     with pytest.raises(ValueError, match="tensorboard package"):
         make_trainer(tmp_path / "tb", tensorboard=True)
+    with pytest.raises(ValueError, match="random_flip is for images; 'moons' holds vectors"):
+        Trainer(RealNVPConfig(input_shape=(2,)), TrainConfig(
+            dataset="moons", run_dir=str(tmp_path / "toy"), random_flip=True, progress=False))
     assert not (tmp_path / "big").exists() or not any((tmp_path / "big").iterdir())
     assert not (tmp_path / "tb").exists()
 

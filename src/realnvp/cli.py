@@ -276,9 +276,10 @@ def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") 
     its s/t networks at ``precision`` ("auto": see :func:`realnvp.model.inference_precision`)."""
     path = resolve_checkpoint(checkpoint)
     device_ = pick_device(device)
+    model = RealNVP.load(path, map_location=device_)
     if precision == "auto":
-        precision = inference_precision(device_)
-    return RealNVP.load(path, map_location=device_).set_precision(precision).eval()
+        precision = inference_precision(device_) if model._dtype() == torch.float32 else "fp32"
+    return model.set_precision(precision).eval()
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -378,6 +378,9 @@ class RealNVP(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got "
                              f"{precision!r}")
+        if precision == "bf16" and self._dtype() != torch.float32:
+            raise ValueError(f"bf16 autocast works on float32 weights; this model's are "
+                             f"{self._dtype()} (autocast leaves them alone)")
         for module in self.modules():
             if isinstance(module, AffineCoupling):
                 module.st_autocast = PRECISIONS[precision]

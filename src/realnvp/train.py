@@ -491,6 +491,8 @@ class Trainer:
         self.valid_set = load_dataset(train.dataset, train.data_dir, "valid", seed=train.seed,
                                       valid_size=train.valid_size)
         if train.random_flip is not None:
+            if not hasattr(self.train_set, "random_flip"):
+                raise ValueError(f"random_flip is for images; {train.dataset!r} holds vectors")
             self.train_set.random_flip = train.random_flip
         latest = latest_checkpoint(self.run_dir)
         if latest is not None and not resume:  # two runs' checkpoints must never mix
@@ -754,12 +756,10 @@ class Trainer:
         t = self.train_config
         g = torch.Generator(device=self.device).manual_seed(t.seed)  # the same z at every step
         cond = None
-        if self.model.config.num_classes:
-            cond = self.valid_set.get_batch(torch.arange(min(t.sample_count,
-                                                             len(self.valid_set))))[1]
-            cond = cond.to(self.device) if cond is not None else None
-        n = t.sample_count if cond is None else cond.shape[0]
-        images = self.model.sample(n, cond=cond, generator=g)
+        if self.model.config.num_classes:  # the labels of the first validation images, cycled
+            index = torch.arange(t.sample_count) % len(self.valid_set)
+            cond = self.valid_set.get_batch(index)[1].to(self.device)
+        images = self.model.sample(t.sample_count, cond=cond, generator=g)
         return save_image_grid(images, self.run_dir / "samples" / f"step-{self.state.step:07d}.png")
 
     def _save(self, path: Path) -> None:

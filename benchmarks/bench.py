@@ -137,12 +137,27 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> dict[str, Any]:
 # -- the measurements (worker side) -----------------------------------------------------------
 
 
-def peak_memory_mib(device) -> float:
-    """Peak resident memory of this process (CPU) or peak allocated GPU memory, in MiB."""
+def memory_key(device_type: str) -> str:
+    """The row field whose peak the memory line and the 8 GiB search use: the process's peak
+    resident memory on the CPU, the CUDA caching allocator's peak reservation on a GPU."""
+    return "peak_gpu_reserved_mib" if device_type == "cuda" else "peak_rss_mib"
+
+
+def peak_memory(device) -> dict[str, float]:
+    """Peak resident memory of this process (``peak_rss_mib``, the host's, on every device)
+    and, on CUDA, the peak GPU memory allocated and reserved by PyTorch, in MiB (the CUDA
+    context, about 0.5 GiB, comes on top of the reservation)."""
     import torch
 
+    peaks = {"peak_rss_mib": round(peak_rss_mib(), 1)}
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        peaks["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        peaks["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    return peaks
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (VmHWM)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -155,8 +170,10 @@ def peak_memory_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def timed(fn, device, warmup: int, iters: int) -> list[float]:
-    """Wall-clock seconds of ``iters`` calls of fn after ``warmup`` untimed ones."""
+def timed(fn, device, warmup: int, iters: int, calls: int = 1) -> list[float]:
+    """Wall-clock seconds per call of fn, ``iters`` times, after ``warmup`` untimed calls; each
+    time is that of ``calls`` calls in a row between two device syncs, divided by ``calls``
+    (on a GPU one short kernel timed alone would measure its launch and the sync)."""
     import torch
 
     def sync():
@@ -169,9 +186,10 @@ def timed(fn, device, warmup: int, iters: int) -> list[float]:
     for _ in range(iters):
         sync()
         t = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         sync()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t) / calls)
     return times
 
 
@@ -214,7 +232,9 @@ def conv_ceiling(device_name: str, quick: bool, precisions: list[str] | None = N
                         if train:
                             torch.autograd.grad(y, (xi, wi), grad)
 
-                    times = timed(run, device, 1 if quick else 3, 2 if quick else 8)
+                    # 20 convolutions a time on a GPU: each takes about 10-100 µs there
+                    times = timed(run, device, 1 if quick else 3, 2 if quick else 8,
+                                  calls=20 if device.type == "cuda" else 1)
                     rate = flop * (3 if train else 1) / min(times) / 1e9
                     detail.append({"precision": precision, "channels": channels, "size": size,
                                    "layout": layout, "direction": direction,
@@ -293,6 +313,27 @@ def make_train_step(model, loss_fn, optimizer):
     return step
 
 
+def make_eval_step(model, compile_it: bool, images):
+    """The evaluation's work on a batch: mean bits/dim of the eval-mode model (no L2 penalty,
+    no gradients), compiled separately in the compile mode."""
+    import torch
+
+    from realnvp import bits_per_dim, dequantize
+
+    dims = images[0].numel()
+
+    def bpd(x):
+        return bits_per_dim(model.log_prob(dequantize(x), check=False), dims).mean()
+
+    compiled = torch.compile(bpd) if compile_it else bpd
+
+    def evaluate():
+        with torch.inference_mode():
+            return compiled(images)
+
+    return evaluate
+
+
 def flop_per_image(model, device) -> float:
     """Forward FLOPs per image of the eval-mode density (convolutions and matmuls, as counted
     by torch.utils.flop_counter), from a batch of 2."""
@@ -315,7 +356,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one mode (or the ceiling) in this process; returns the JSON row."""
     # torch.compile would otherwise compile in a pool of subprocesses whose CPU time the load
     # meter would count as other processes' load.
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    if args.device == "cpu":
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     import torch
 
     if args.threads:
@@ -337,9 +379,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     warmup, iters = (1, 1) if args.quick else (2, args.iters)
     if args.memory_only:  # the smaller batch of the memory extrapolation: two steps suffice
         timed(lambda: step(images), device, 1, 1)
-        return {"peak_rss_mib": round(peak_memory_mib(device), 1)}
+        return peak_memory(device)
 
-    row: dict[str, Any] = {"mode": args.worker, "batch_size": args.batch_size,
+    row: dict[str, Any] = {"mode": args.worker, "device": device.type,
+                           "batch_size": args.batch_size,
                            "threads": torch.get_num_threads(), "allocator": loaded_allocator(),
                            "malloc_policy": malloc_policy(mode),
                            "malloc_conf": os.environ.get("MALLOC_CONF")}
@@ -351,7 +394,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     row["train_step_s"] = [round(t, 3) for t in steps]
     if "compile" in mode:
         row["compile_s"] = round(first - min(steps), 1)
-    row["peak_rss_mib"] = round(peak_memory_mib(device), 1)
+    row.update(peak_memory(device))
     # The machine's speed drifts by several per cent over a run: the ceiling once more, right
     # after this row's training steps, in its precision and the faster (channels-last) layout,
     # with freed memory kept as in the ceiling worker (release would page-fault every tensor).
@@ -361,10 +404,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     set_malloc_policy(malloc_policy(mode))
 
     model.eval()
-
-    def evaluate():
-        with torch.inference_mode():
-            return loss_fn(images)[1]
+    evaluate = make_eval_step(model, "compile" in mode, images)
 
     evals = timed(evaluate, device, 1, max(1, iters // 2))
     row["eval_img_s"] = args.batch_size * len(evals) / sum(evals)
@@ -451,10 +491,12 @@ def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None
     # Peak memory is close to linear in the batch size (activations) plus a constant (weights,
     # optimizer state, the framework): two batch sizes fix the line.
     row["max_batch_8gib"] = None
+    key = memory_key(row.get("device", "cpu"))
     if half is not None:
-        row["peak_rss_mib_half_batch"] = half["peak_rss_mib"]
-        row["max_batch_8gib"] = batch_on_line((half_batch, half["peak_rss_mib"]),
-                                              (row["batch_size"], row["peak_rss_mib"]),
+        for name in half:
+            row[f"{name}_half_batch"] = half[name]
+        row["max_batch_8gib"] = batch_on_line((half_batch, half[key]),
+                                              (row["batch_size"], row[key]),
                                               MEMORY_LIMIT_MIB)
 
 
@@ -534,10 +576,11 @@ def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch:
     def peak_at(batch: int) -> float:
         print(f"[{row['mode']}] peak memory at batch {batch}", file=sys.stderr)
         measured = run_worker(args, row["mode"], batch, True)
-        return math.inf if measured is None else measured["peak_rss_mib"]
+        return math.inf if measured is None else measured[key]
 
-    points = search_max_batch(peak_at, [(half_batch, row["peak_rss_mib_half_batch"]),
-                                        (row["batch_size"], row["peak_rss_mib"])],
+    key = memory_key(row.get("device", "cpu"))
+    points = search_max_batch(peak_at, [(half_batch, row[f"{key}_half_batch"]),
+                                        (row["batch_size"], row[key])],
                               tries=args.max_batch_tries, first=args.max_batch_first)
     best, settled = largest_fitting(points)
     # a failed step's peak (inf) as null: JSON has no infinity
@@ -563,7 +606,9 @@ def max_batch(row: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| mode | train img/s | eval img/s | sample img/s | peak RSS MiB | GFLOP/img "
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    memory = "peak GPU MiB (reserved)" if gpu else "peak RSS MiB"
+    head = (f"| mode | train img/s | eval img/s | sample img/s | {memory} | GFLOP/img "
             "| conv fraction (train) | same, ceiling at the row | max batch in 8 GiB "
             "| others' CPU |")
     lines = [head, "|" + "---|" * 10]
@@ -571,7 +616,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         others = r.get("others_cpu")
         lines.append(
             f"| {r['mode']} | {fmt(r['train_img_s'], 2)} | {fmt(r['eval_img_s'], 2)} "
-            f"| {fmt(r['sample_img_s'], 2)} | {fmt(r['peak_rss_mib'], 0)} "
+            f"| {fmt(r['sample_img_s'], 2)} | {fmt(r[memory_key(r.get('device', 'cpu'))], 0)} "
             f"| {fmt(r['gflop_per_img'], 2)} | {fmt(r['conv_fraction'], 2)} "
             f"| {fmt(r.get('conv_fraction_here'), 2)} | {max_batch(r)} "
             f"| {'—' if others is None else f'{100 * others:.0f}%'} |"
@@ -644,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "machine": machine_info(args.device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python", "benchmarks/bench.py",
+                             *(sys.argv[1:] if argv is None else argv)]),
         "quick": args.quick, "preset": args.preset, "batch_size": args.batch_size,
         "load": {"per_measurement": []}, "complete": False, "rows": [], "failed": [],
     }
@@ -677,14 +723,19 @@ def main(argv: list[str] | None = None) -> int:
             result["failed"].append(mode)
             write_json(args.json, result)
             continue
-        half = None if "compile" in mode else run_worker(args, mode, half_batch, True)
+        half = None
+        if "compile" not in mode and half_batch < args.batch_size:  # batch 1: no second point
+            half = run_worker(args, mode, half_batch, True)
+            if half is None:
+                result["failed"].append(f"{mode} (batch {half_batch}, memory only)")
         add_derived(row, ceilings, half, half_batch)
         if args.measure_max_batch and half is not None:
             measure_max_batch(args, row, half_batch)
         rows.append(row)
         write_json(args.json, result)
-        print(f"[{mode}] train {row['train_img_s']:.2f} img/s, peak {row['peak_rss_mib']:.0f} "
-              f"MiB, others used {100 * (row['others_cpu'] or 0):.0f}% of the CPUs",
+        print(f"[{mode}] train {row['train_img_s']:.2f} img/s, peak "
+              f"{row[memory_key(row.get('device', 'cpu'))]:.0f} MiB, others used "
+              f"{100 * (row['others_cpu'] or 0):.0f}% of the CPUs",
               file=sys.stderr)
     result["load"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]
     noisy = [r["mode"] for r in rows if (r.get("others_cpu") or 0) > args.max_busy]

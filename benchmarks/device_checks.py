@@ -9,17 +9,21 @@ device, each printed with its measured error and bound: bf16 against fp32 bits/d
 exactness of decode(encode(x)), BN → ReLU recomputation against storing, ordinary and
 memory-saving backpropagation in float32 against ordinary backpropagation in float64, and (on
 CUDA) that the trainer's steps never make the host wait for the GPU. Then
-``benchmarks/bench.py`` on the device, whose JSON and table go to ``--out``. Exit status 1 if
-a check failed (the table is still measured).
+``benchmarks/bench.py`` on the device. The checks (``checks-DEVICE.json``), the benchmark's
+JSON and its table (``bench-PRESET-DEVICE.json`` and ``.md``) go to ``--out``. Exit status 1 if
+a check failed or raised (the table is still measured).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,6 +141,8 @@ def trainer_step_syncs(device: torch.device) -> int:
                 step += 1
                 trainer.training_step(*trainer.next_batch(), 1e-3)
         except RuntimeError as error:
+            if "synchroniz" not in str(error):  # another failure is not a sync to count
+                raise
             print(f"  step {step} synchronised: {error}", flush=True)
             return step
         finally:
@@ -161,21 +167,37 @@ def main() -> int:
     print(f"torch {torch.__version__}, {name}", flush=True)
 
     start = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = checks(args.preset, device, args.quick)
+    except Exception:  # the table is still measured; the error is a failed check
+        traceback.print_exc()
+        results = [("the checks ran to the end", math.nan, 0.0)]
     failed = 0
-    for what, measured, bound in checks(args.preset, device, args.quick):
+    record = []
+    for what, measured, bound in results:
         ok = measured <= bound  # NaN fails
         failed += not ok
+        record.append({"check": what, "measured": None if math.isnan(measured) else measured,
+                       "bound": bound, "passed": ok})
         print(f"{'PASS' if ok else 'FAIL'}  {what}: {measured:.3g} (bound {bound:g})", flush=True)
     print(f"checks: {time.perf_counter() - start:.0f} s", flush=True)
+    (args.out / f"checks-{device.type}.json").write_text(json.dumps(record, indent=2) + "\n")
 
     # bench.py measures each mode in a subprocess, which must find the package too
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"),
                                                              os.environ.get("PYTHONPATH")]))
-    modes = args.modes if device.type == "cuda" else args.modes.replace("tf32,", "")
+    modes = [m for m in args.modes.split(",")
+             if device.type == "cuda" or "tf32" not in m.split("+")]  # tf32 is CUDA's
+    out_json = args.out / f"bench-{args.preset}-{device.type}.json"
     argv = ["--preset", args.preset, "--batch-size", str(args.batch_size), "--device",
-            args.device, "--modes", modes, "--json", str(args.out / f"bench-{args.preset}-"
-                                                      f"{device.type}.json")]
+            args.device, "--modes", ",".join(modes), "--json", str(out_json)]
+    if device.type == "cuda":  # the CPU-load gate: brief on a GPU machine's short lease
+        argv += ["--wait-load", "20"]
     bench_status = bench.main(argv + (["--quick", "--max-busy", "1"] if args.quick else []))
+    if out_json.is_file():  # the table beside the JSON, as the device tool returns files
+        rows = json.loads(out_json.read_text())["rows"]
+        (args.out / f"bench-{args.preset}-{device.type}.md").write_text(bench.table(rows) + "\n")
     return 1 if failed or bench_status else 0
 
 

@@ -76,6 +76,13 @@ def main() -> int:
     if error:
         parser.error(f"bad mode {args.mode!r}: {error}")
     mode = set(args.mode.split("+"))
+    if "jemalloc" in mode:  # an allocator is chosen at process start: start again with it
+        from realnvp.allocator import restart_with_jemalloc
+
+        try:
+            restart_with_jemalloc(sys.argv[1:], [str(Path(__file__).resolve())])
+        except ValueError as jemalloc_error:
+            parser.error(str(jemalloc_error))
     model, loss_fn, optimizer = bench.build(args.preset, mode, device, quick=False)
     step = bench.make_train_step(model, loss_fn, optimizer)
     images = torch.randint(0, 256, (args.batch_size, *model.config.input_shape),

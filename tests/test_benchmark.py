@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
@@ -255,7 +256,7 @@ def test_a_failed_mode_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
     def fake_worker(args, name, batch_size, memory_only=False):
         if name == "ceiling":
             return {"fp32": {"fwd": 100.0, "fwd_bwd": 90.0}, "detail": []}
-        if name == "bf16":
+        if name == "bf16" or (name == "fp32+recompute" and memory_only):
             return None  # the worker crashed
         return {"mode": name, "batch_size": batch_size, "train_img_s": 1.0, "eval_img_s": 2.0,
                 "sample_img_s": 2.0, "peak_rss_mib": 1000.0 + batch_size, "gflop_per_img": 1.0,
@@ -267,9 +268,23 @@ def test_a_failed_mode_is_recorded_and_fails_the_run(tmp_path, monkeypatch):
                                                              "loadavg_before": [0, 0, 0]})
     monkeypatch.setattr(bench, "machine_info", lambda device: {"cpu": "test"})
     out = tmp_path / "b.json"
-    assert bench.main(["--modes", "fp32,bf16", "--json", str(out)]) == 1
+    argv = ["--modes", "fp32,bf16,fp32+recompute", "--json", str(out)]
+    assert bench.main(argv) == 1
     result = json.loads(out.read_text())
-    assert result["failed"] == ["bf16"] and [r["mode"] for r in result["rows"]] == ["fp32"]
+    assert result["failed"] == ["bf16", "fp32+recompute (batch 32, memory only)"]
+    assert [r["mode"] for r in result["rows"]] == ["fp32", "fp32+recompute"]
+    assert result["command"] == " ".join(["python", "benchmarks/bench.py", *argv])
+
+
+def test_timed_runs_several_calls_between_syncs_and_divides():
+    import bench
+    import torch
+
+    calls = []
+    times = bench.timed(lambda: calls.append(time.perf_counter()), torch.device("cpu"), 2, 3,
+                        calls=5)
+    assert len(calls) == 2 + 3 * 5 and len(times) == 3
+    assert max(times) <= (calls[-1] - calls[2]) / 5 + 1e-3  # per call, not per group
 
 
 def test_convolution_bound_of_a_bf16_mode_times_bf16_convolutions(monkeypatch, capsys):

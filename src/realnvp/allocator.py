@@ -135,10 +135,11 @@ def jemalloc_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def restart_with_jemalloc(argv: list[str]) -> None:
-    """Replace this process by ``python -m realnvp ARGV`` with jemalloc preloaded (same
-    process id, so torchrun keeps track of it). Call before any work; returns only if
-    jemalloc is loaded already. Raises ValueError if jemalloc is missing or failed to load."""
+def restart_with_jemalloc(argv: list[str], program: list[str] | None = None) -> None:
+    """Replace this process by ``python PROGRAM ARGV`` (``PROGRAM``: ``-m realnvp`` unless
+    given, e.g. a script's path) with jemalloc preloaded (same process id, so torchrun keeps
+    track of it). Call before any work; returns only if jemalloc is loaded already. Raises
+    ValueError if jemalloc is missing or failed to load."""
     if loaded_allocator() == "jemalloc":
         return
     if os.environ.get(RESTARTED_MARKER):
@@ -147,7 +148,7 @@ def restart_with_jemalloc(argv: list[str]) -> None:
     env = {**jemalloc_environment(), RESTARTED_MARKER: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "realnvp", *argv], env)
+    os.execve(sys.executable, [sys.executable, *(program or ["-m", "realnvp"]), *argv], env)
 
 
 def set_malloc_policy(policy: str) -> bool:

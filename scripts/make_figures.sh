@@ -6,11 +6,12 @@
 # RUN       an unconditional image run directory (default runs/demo, made by `realnvp demo`)
 # COND_RUN  optional: a class-conditional run, for the label figures (default runs/cond if it
 #           exists), e.g.
-#             realnvp train --conditional --dataset mnist-t10k --data-dir src/realnvp/demo_data \
-#               --preset mnist --scales 2 --res-blocks 2 --features 32 --steps 1500 \
-#               --lr 2e-3 --warmup-steps 100 --lr-decay cosine --run-dir runs/cond
+#             realnvp train --conditional --dataset mnist-t10k --preset mnist --scales 2 \
+#               --res-blocks 1 --features 16 --batch-size 32 --lr 2e-3 --warmup-steps 100 \
+#               --lr-decay cosine --steps 2000 --run-dir runs/cond
 # TOY_RUN   optional: a 2-D toy run, for the paper's Figure 1 (default runs/toy if it exists),
-#             realnvp train --dataset moons --preset toy2d --run-dir runs/toy --steps 3000
+#             realnvp train --dataset moons --preset toy2d --run-dir runs/toy --steps 3000 \
+#               --batch-size 256 --lr-decay cosine
 #
 # Every command is echoed and recorded, with what it printed, in docs/figures/COMMANDS.md.
 # Environment: OUT (default docs/figures), REALNVP (default: `realnvp`, else python -m realnvp),

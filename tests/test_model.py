@@ -387,3 +387,20 @@ def test_encode_decode_sample_and_config_refuse_bad_values():
     vector = RealNVP(RealNVPConfig(input_shape=(4,))).eval()
     with pytest.raises(ValueError, match="infinite"):
         vector.encode(torch.tensor([[0.0, math.inf, 0.0, 0.0]]))
+
+
+def test_pixel_baseline_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "pixel_baseline.py"
+    spec = importlib.util.spec_from_file_location("pixel_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train = torch.tensor([[0, 7], [0, 9], [3, 7]], dtype=torch.uint8)
+    test = torch.tensor([[0, 7], [3, 200]], dtype=torch.uint8)
+    bits = module.independent_pixel_bits(train, test, smoothing=0.5)
+    total = 3 + 256 * 0.5  # counts plus pseudo-counts, per pixel
+    expected = [-(math.log2(2.5 / total) + math.log2(2.5 / total)) / 2,
+                -(math.log2(1.5 / total) + math.log2(0.5 / total)) / 2]
+    assert torch.allclose(bits, torch.tensor(expected, dtype=torch.float64), atol=1e-12)

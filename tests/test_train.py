@@ -259,6 +259,11 @@ def test_eval_and_sample_commands(tmp_path, capsys):
               str(DEMO_DATA), "--split", "test", "--max-images", "1", "--json", str(out)])
     one = json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(name))  # strict
     assert one["images"] == 1 and one["stderr"] is None and one["bits_per_dim"] > 0
+    capsys.readouterr()
+    cli_main(["eval", "--checkpoint", str(run), "--max-images", "8", "--json", str(out)])
+    own = json.loads(out.read_text())  # the run's own dataset, data and split by default
+    assert own["dataset"] == "mnist-t10k" and own["images"] == 8
+    assert str(run / "checkpoints" / "best.pt") in capsys.readouterr().out  # which file
     png = tmp_path / "samples.png"
     cli_main(["sample", "--checkpoint", str(run / "checkpoints" / "ckpt-0000002.pt"), "-n", "6",
               "--temperature", "0.7", "--nrow", "3", "--out", str(png)])
@@ -483,6 +488,26 @@ def test_conditional_sample_grids_cycle_the_labels_of_a_small_validation_set(tmp
         drawn = trainer.model.sample(7, cond=labels[torch.arange(7) % 3],
                                      generator=torch.Generator().manual_seed(0))
         assert grid.size == tuple(reversed(make_grid(drawn).shape[1:]))
+
+
+def test_num_classes_must_agree_with_conditional_and_the_dataset(tmp_path):
+    model = dict(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=4)
+    run = dict(run_dir=str(tmp_path), steps=1, progress=False)
+    with pytest.raises(ValueError, match="num_classes=5, but the dataset has 10 class labels"):
+        Trainer(RealNVPConfig(**model, num_classes=5), TrainConfig(**run, conditional=True))
+    with pytest.raises(ValueError, match="the run is not: train with conditional=True"):
+        Trainer(RealNVPConfig(**model, num_classes=10), TrainConfig(**run))
+    trainer = Trainer(RealNVPConfig(**model, num_classes=10), TrainConfig(**run, conditional=True))
+    assert trainer.model.config.num_classes == 10
+
+
+def test_demo_says_when_it_resumes(tmp_path, capsys):
+    argv = ["demo", "--steps", "2", "--run-dir", str(tmp_path), "--no-progress"]
+    cli_main(argv)
+    assert "resuming" not in capsys.readouterr().out
+    cli_main(argv)
+    assert f"resuming from {tmp_path / 'checkpoints' / 'ckpt-0000002.pt'}" in \
+        capsys.readouterr().out
 
 
 def test_resume_refuses_a_changed_split_seed_conditioning_or_fewer_steps(tmp_path):

@@ -35,10 +35,10 @@ from .train import (
     TrainConfig,
     Trainer,
     latest_checkpoint,
+    load_run_dataset,
     read_config_tables,
     resolve_checkpoint,
     run_configs,
-    run_split,
 )
 
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
@@ -63,8 +63,9 @@ def _field_type(tp: Any) -> tuple[type, bool]:
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set[str],
-                           title: str) -> None:
-    """One ``--kebab-case`` option per field; unspecified options stay absent (SUPPRESS)."""
+                           title: str, default_from: str | None = None) -> None:
+    """One ``--kebab-case`` option per field; unspecified options stay absent (SUPPRESS). The
+    help shows the field's default, or ``default_from`` where another source sets it."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -73,13 +74,13 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: set
         tp, is_tuple = _field_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
+        shown = f"(default: {default_from or default})"
         if tp is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=f"(default: {default})")
+                               default=argparse.SUPPRESS, help=shown)
         else:
             group.add_argument(flag, type=tp, nargs="+" if is_tuple else None,
-                               default=argparse.SUPPRESS, metavar=f.name.upper(),
-                               help=f"(default: {default})")
+                               default=argparse.SUPPRESS, metavar=f.name.upper(), help=shown)
 
 
 def _picked(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -127,16 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="a TOML file with [model] and [train] tables (e.g. RUN/config.toml)")
     _add_dataclass_options(p, TrainConfig, set(), "training options")
-    _add_dataclass_options(p, RealNVPConfig, set(), "model options (override the preset)")
+    _add_dataclass_options(p, RealNVPConfig, set(), "model options (override the preset)",
+                           default_from="the preset's")
 
     p = sub.add_parser("eval", help="bits/dim of a dataset split in eval mode",
                        description="Print bits/dim (mean ± standard error over images) of a "
                        "split, in eval mode; --json writes it machine-readable.")
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint or model file, or a run directory (uses its best.pt)")
-    p.add_argument("--dataset", required=True, choices=DATASETS + TOY_DATASETS)
+    p.add_argument("--dataset", default=None, choices=DATASETS + TOY_DATASETS,
+                   help="default: the run's own dataset")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="the dataset's folder or file (not needed for the 2-D toy datasets)")
+                   help="the dataset's folder or file (default: the run's, for its dataset; "
+                   "not needed for the 2-D toy datasets)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"])
     p.add_argument("--samples", type=positive_int, default=1,
                    help="dequantisation samples per image")
@@ -284,20 +288,17 @@ def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, args.device, args.precision)
-    seed, valid_size = run_split(run_configs(args.checkpoint), args.dataset)
-    if args.valid_size is not None:
-        valid_size = args.valid_size
-    if args.split_seed is not None:
-        seed = args.split_seed
-    dataset = load_dataset(args.dataset, args.data_dir, args.split, seed=seed,
-                           valid_size=valid_size)
+    args.dataset, dataset = load_run_dataset(args.checkpoint, args.dataset, args.data_dir,
+                                             args.split, valid_size=args.valid_size,
+                                             split_seed=args.split_seed)
     result = evaluate(model, dataset, batch_size=args.batch_size, samples=args.samples,
                       max_images=args.max_images, seed=args.seed)
-    print(f"{args.dataset} {args.split}: {result} ({model.precision} s/t networks)")
+    used = resolve_checkpoint(args.checkpoint)
+    print(f"{args.dataset} {args.split}: {result} ({model.precision} s/t networks, {used})")
     if args.json is not None:
         record = {**result.to_dict(), "dataset": args.dataset, "split": args.split,
                   "precision": model.precision,
-                  "checkpoint": str(resolve_checkpoint(args.checkpoint))}
+                  "checkpoint": str(used)}
         atomic_write_text(args.json, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
@@ -337,6 +338,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     trainer = Trainer(RealNVPConfig(**DEMO_MODEL), train_config)
     print(f"demo: {trainer.model.num_parameters():,} parameters, {args.steps} steps of "
           f"{train_config.batch_size} on {len(trainer.train_set)} MNIST images")
+    if trainer.resumed_from is not None:  # a run directory of an earlier demo
+        print(f"resuming from {trainer.resumed_from} (step {trainer.state.step}); delete "
+              f"{args.run_dir} to train from scratch")
     trainer.run()
     test = load_dataset("mnist-t10k", DEMO_DATA, "test")
     result = evaluate(trainer.model, test)

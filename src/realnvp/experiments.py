@@ -427,18 +427,11 @@ def _input_images(args: argparse.Namespace, model: RealNVP, count: int
                                  f"per image ({len(args.images)})")
             labels = torch.tensor(args.labels, dtype=torch.long)
         return pixels_to_input(pixels), labels
-    from .data import load_dataset
-    from .train import run_configs, run_split
+    from .train import load_run_dataset
 
-    dataset, data_dir = args.dataset, args.data_dir
-    run = run_configs(Path(args.checkpoint))
-    if run is not None and dataset is None:
-        dataset, data_dir = run[1].dataset, data_dir or run[1].data_dir
-    if dataset is None or data_dir is None:
-        raise ValueError("give --dataset and --data-dir (or --images FILE ...); they default "
-                         "to the run's own only when --checkpoint belongs to a training run")
-    seed, valid_size = run_split(run, dataset)  # the run's own validation slice
-    data = load_dataset(dataset, data_dir, args.split, seed=seed, valid_size=valid_size)
+    # the run's own dataset and validation slice unless told otherwise
+    dataset, data = load_run_dataset(Path(args.checkpoint), args.dataset, args.data_dir,
+                                     args.split)
     indices = args.indices if args.indices else list(range(min(count, len(data))))
     if not indices:
         raise ValueError(f"the {args.split} split of {dataset} is empty")

@@ -117,7 +117,8 @@ class TrainConfig:
     precision: str = "fp32"         # "bf16": the s/t networks under autocast (model.set_precision)
     memory_mode: str = "none"       # "invertible" or "checkpoint": memory-saving backpropagation
     recompute_activations: bool | None = None  # s/t nets recompute BN → ReLU in backward:
-                                    # a third less memory, 1–6 % slower; None: with memory_mode
+                                    # 27–39 % less memory, speed within ±3 %;
+                                    # None: on with memory_mode
     memory_format: str = "channels_last"  # or "contiguous" (NCHW): the s/t networks' layout
     malloc: str = "keep"            # CPU allocator (realnvp.allocator): glibc's malloc "keep"s
                                     # freed memory for reuse (no page faults per step), "release"s
@@ -125,7 +126,7 @@ class TrainConfig:
                                     # defaults; or "jemalloc" (low peak at full speed; the CLI
                                     # restarts itself with it preloaded)
     compile: bool = False           # torch.compile the loss (minutes of compilation; on a 2-core
-                                    # CPU 6 % slower, docs/benchmarks.md)
+                                    # CPU 6 % slower to 4 % faster, docs/benchmarks.md)
     tensorboard: bool = False
     progress: bool = True
 
@@ -256,6 +257,24 @@ def run_split(run: tuple[RealNVPConfig, TrainConfig] | None, dataset: str
     if run is None or run[1].dataset != dataset:
         return 0, None
     return run[1].seed, run[1].valid_size
+
+
+def load_run_dataset(checkpoint: str | Path, dataset: str | None, data_dir: str | Path | None,
+                     split: str, *, valid_size: int | None = None,
+                     split_seed: int | None = None) -> tuple[str, ImageDataset]:
+    """(name, split) of a dataset for a checkpoint's commands, its validation slice cut as the
+    run cut it (:func:`run_split`; ``valid_size`` and ``split_seed`` override). ``dataset``
+    defaults to the run's, and ``data_dir`` to the run's where the dataset is the run's."""
+    run = run_configs(checkpoint)
+    if run is not None and dataset in (None, run[1].dataset):
+        dataset, data_dir = run[1].dataset, data_dir or run[1].data_dir
+    if dataset is None:
+        raise ValueError("give --dataset and --data-dir: they default to the run's own only "
+                         "when --checkpoint belongs to a training run")
+    seed, size = run_split(run, dataset)
+    seed = seed if split_seed is None else split_seed
+    size = size if valid_size is None else valid_size
+    return dataset, load_dataset(dataset, data_dir, split, seed=seed, valid_size=size)
 
 
 # What a resumed run cannot change: the validation split (dataset, seed, valid_size), the random
@@ -510,6 +529,10 @@ class Trainer:
             model_config = RealNVPConfig.from_dict(payload["config"])
         elif train.conditional:
             model_config = self._conditional_config(model_config, self.train_set)
+        elif model_config.num_classes is not None:
+            raise ValueError(f"the model is conditional (num_classes={model_config.num_classes})"
+                             " but the run is not: train with conditional=True (--conditional),"
+                             " which takes the classes from the dataset")
         if tuple(self.train_set.image_shape) != model_config.input_shape:
             raise ValueError(f"dataset {train.dataset!r} has images of shape "
                              f"{tuple(self.train_set.image_shape)}, the model expects "
@@ -552,6 +575,10 @@ class Trainer:
         # gradients averaged by DistributedDataParallel around the loss.
         self.sync_batchnorm = self.dist.enabled and train.sync_batchnorm
         distributed.sync_batch_norm(self.model, self.sync_batchnorm)
+        if self.sync_batchnorm and train.recompute_activations and self.dist.is_main:
+            print("note: recompute_activations has no effect with synchronised batch norm (its "
+                  "s/t-network layers store their BN → ReLU outputs); add --no-sync-batchnorm "
+                  "to recompute them", file=sys.stderr)
         self.objective: nn.Module = Objective(self.model, train.l2)
         # running statistics restored after a skipped step (found once: load_state_dict and
         # the optimiser update tensors in place)
@@ -640,6 +667,10 @@ class Trainer:
     def _conditional_config(config: RealNVPConfig, dataset: ImageDataset) -> RealNVPConfig:
         if dataset.num_classes is None:
             raise ValueError("--conditional needs a labelled dataset; this one has no labels")
+        if config.num_classes not in (None, dataset.num_classes):
+            raise ValueError(f"num_classes={config.num_classes}, but the dataset has "
+                             f"{dataset.num_classes} {dataset.label_kind} labels (with "
+                             "--conditional, leave num_classes out: it is the dataset's)")
         return dataclasses.replace(config, num_classes=dataset.num_classes,
                                    label_kind=dataset.label_kind or "class")
 

@@ -18,7 +18,9 @@ CPU that was about 180,000–230,000 page faults and 1.2–1.3 s of kernel time 
   mapping of its own, unmapped the moment it is freed, so the peak is the live tensors' and
   nothing else (the memory-saving modes of the ``cifar10`` preset: 1017–1020 MiB instead of
   1467–1899), paid for with page faults at every step (there: 27 % slower).
-- ``"system"``: glibc's defaults, left as they are.
+- ``"system"``: glibc's settings left as they are: its defaults in a fresh process. After
+  ``"keep"`` or ``"release"`` in the same process they cannot be restored (an explicit mmap
+  threshold also turns off glibc's sliding one for good).
 - ``"jemalloc"``: not glibc's malloc at all but jemalloc, preloaded when the process starts
   (``LD_PRELOAD``) with its page decay off (``MALLOC_CONF``, :data:`JEMALLOC_CONF`): it reuses
   freed blocks without glibc's fragmentation, so the memory-saving modes' peak is near the live

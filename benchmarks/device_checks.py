@@ -24,6 +24,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,8 +76,9 @@ def gradients(model: RealNVP, x: torch.Tensor, mode: str, recompute: bool) -> li
     return [p.grad.clone() for p in model.parameters()]
 
 
-def checks(preset: str, device: torch.device, quick: bool) -> list[tuple[str, float, float]]:
-    """(what, measured, bound) for each check, in true float32 (no TF32 on CUDA).
+def checks(preset: str, device: torch.device, quick: bool) -> Iterator[tuple[str, float, float]]:
+    """(what, measured, bound) for each check as it is made, in true float32 (no TF32 on
+    CUDA).
 
     The gradients are compared with ordinary backpropagation in float64. On the full cifar10
     model in float32 ordinary backpropagation itself is about 6e-3 from it on its worst
@@ -86,35 +88,33 @@ def checks(preset: str, device: torch.device, quick: bool) -> list[tuple[str, fl
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = calibrated_model(preset, device, quick)
     x = dequantize(images(model, 16 if quick else 64, device))
-    results = []
     dims = x[0].numel()
     with torch.inference_mode():
         fp32 = bits_per_dim(model.set_precision("fp32").log_prob(x), dims).mean()
         bf16 = bits_per_dim(model.set_precision("bf16").log_prob(x), dims).mean()
         model.set_precision("fp32")
-        results.append(("bf16 vs fp32 bits/dim, |difference|", float((bf16 - fp32).abs()), 0.01))
+        yield ("bf16 vs fp32 bits/dim, |difference|", float((bf16 - fp32).abs()), 0.01)
         z = model.encode(x)
         error = float((model.decode(z) - x).abs().max())
-        results.append(("decode(encode(x)) − x, max |error| (fp32)", error, 1e-3))
+        yield ("decode(encode(x)) − x, max |error| (fp32)", error, 1e-3)
     small = x[:8]
     stored = gradients(model, small, "none", recompute=False)
     recomputed = gradients(model, small, "none", recompute=True)
     # the same kernels on the same inputs: equal up to the convolutions' own nondeterminism
-    results.append(("BN → ReLU recomputed vs stored, worst relative gradient difference",
-                    worst_relative_error(recomputed, stored), 1e-4))
+    yield ("BN → ReLU recomputed vs stored, worst relative gradient difference",
+           worst_relative_error(recomputed, stored), 1e-4)
     exact = [g.double() for g in gradients(copy.deepcopy(model).double(), small.double(),
                                            "none", recompute=False)]
     ordinary = worst_relative_error([g.double() for g in stored], exact)
-    results.append(("ordinary backprop (fp32) vs float64, worst relative gradient error",
-                    ordinary, 1e-2))
+    yield ("ordinary backprop (fp32) vs float64, worst relative gradient error",
+           ordinary, 1e-2)
     for mode in ("invertible", "checkpoint"):
         grads = [g.double() for g in gradients(model, small, mode, recompute=True)]
-        results.append((f"memory mode {mode} (fp32) vs float64, worst relative gradient error",
-                        worst_relative_error(grads, exact), max(1e-3, 2 * ordinary)))
+        yield (f"memory mode {mode} (fp32) vs float64, worst relative gradient error",
+               worst_relative_error(grads, exact), max(1e-3, 2 * ordinary))
     if device.type == "cuda":
-        results.append(("host syncs in 3 of the trainer's steps (next batch and step)",
-                        trainer_step_syncs(device), 0))
-    return results
+        yield ("host syncs in 3 of the trainer's steps (next batch and step)",
+               trainer_step_syncs(device), 0)
 
 
 def trainer_step_syncs(device: torch.device) -> int:
@@ -168,11 +168,13 @@ def main() -> int:
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
+    results = []
     try:
-        results = checks(args.preset, device, args.quick)
-    except Exception:  # the table is still measured; the error is a failed check
+        for result in checks(args.preset, device, args.quick):
+            results.append(result)
+    except Exception:  # the table is still measured; the error is one more failed check
         traceback.print_exc()
-        results = [("the checks ran to the end", math.nan, 0.0)]
+        results.append(("the checks ran to the end", math.nan, 0.0))
     failed = 0
     record = []
     for what, measured, bound in results:

@@ -585,6 +585,15 @@ def test_exif_orientation_turns_photos_upright(tmp_path: Path) -> None:
     assert torch.equal(images, torch.from_numpy(upright_pixels[index]).permute(0, 3, 1, 2))
     read = read_images([tmp_path / "2.png", tmp_path / "0.png"], 3, (6, 4))
     assert torch.equal(read, torch.from_numpy(upright_pixels[[2, 0]]).permute(0, 3, 1, 2))
+    # TIFF, whose reader reports the upright size itself
+    tiff = tmp_path / "tiff"
+    tiff.mkdir()
+    Image.fromarray(upright_pixels[0]).save(tiff / "0.tif")
+    Image.fromarray(np.rot90(upright_pixels[1], k=1).copy()).save(tiff / "1.tif", exif=exif)
+    dataset = load_dataset("folder", tiff, "train", valid_size=0)
+    assert dataset.image_shape == (3, 6, 4)
+    assert torch.equal(all_items(dataset)[0],
+                       torch.from_numpy(upright_pixels[:2]).permute(0, 3, 1, 2))
 
 
 def write_png16_rgb(path: Path, array: np.ndarray) -> None:

@@ -174,6 +174,17 @@ def test_evaluate_noise_is_per_image_whatever_the_batch_size():
     for bad in (dict(batch_size=0), dict(max_images=-1), dict(samples=0), dict(batch_size=2.5)):
         with pytest.raises(ValueError, match="must be a positive integer"):
             evaluate(model, data, **bad)
+    numpy_ints = evaluate(model, data, batch_size=np.int64(4), samples=np.int64(3), seed=5,
+                          max_images=np.int32(11))
+    assert torch.allclose(numpy_ints.per_image, by_hand, rtol=0, atol=1e-10)
+    import realnvp.evaluate
+
+    realnvp.evaluate.NOISE_BYTES, budget = 2 * 3 * 48 * 4, realnvp.evaluate.NOISE_BYTES
+    try:  # many samples of big images: smaller batches, the same values
+        small = evaluate(model, data, batch_size=64, samples=3, seed=5)
+    finally:
+        realnvp.evaluate.NOISE_BYTES = budget
+    assert torch.allclose(small.per_image, by_hand, rtol=0, atol=1e-10)
 
 
 def test_bits_per_dim_constant():

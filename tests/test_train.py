@@ -115,16 +115,47 @@ def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_there(tmp_path
     assert resumed.state.step == step and not partial.exists()
 
 
-def test_ctrl_c_in_process_checkpoints_then_interrupts(tmp_path, monkeypatch):
-    trainer = make_trainer(tmp_path, steps=50, checkpoint_every=1000)
+def signals_at(trainer, monkeypatch, step_reached, *signums):
+    """Send ``signums`` to this process while the trainer takes the step after ``step_reached``
+    (the handler runs between two Python bytecodes, inside the step)."""
     step = trainer.training_step
 
-    def interrupted_at_step_two(*args):
-        if trainer.state.step == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # handled after the step, not inside it
+    def signalled(*args):
+        if trainer.state.step == step_reached:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
         return step(*args)
 
-    monkeypatch.setattr(trainer, "training_step", interrupted_at_step_two)
+    monkeypatch.setattr(trainer, "training_step", signalled)
+
+
+def test_a_second_sigterm_exits_at_once_with_143(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, steps=50, checkpoint_every=1000)
+    signals_at(trainer, monkeypatch, 1, signal.SIGTERM, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.run()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert latest_checkpoint(tmp_path) is None  # no waiting for the step, so nothing saved
+
+
+def test_signals_an_ignored_sigint_and_a_signal_in_the_last_step(tmp_path, monkeypatch):
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job
+    try:
+        trainer = make_trainer(tmp_path / "ignored", steps=3)
+        signals_at(trainer, monkeypatch, 1, signal.SIGINT)
+        assert trainer.run().step == 3  # ignored stays ignored
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    trainer = make_trainer(tmp_path / "last", steps=3)
+    signals_at(trainer, monkeypatch, 2, signal.SIGTERM)
+    assert trainer.run().step == 3  # the run had finished: nothing to interrupt
+    assert latest_checkpoint(tmp_path / "last").name == "ckpt-0000003.pt"
+
+
+def test_ctrl_c_in_process_checkpoints_then_interrupts(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, steps=50, checkpoint_every=1000)
+    signals_at(trainer, monkeypatch, 1, signal.SIGINT)  # handled after the step, not inside it
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         trainer.run()
@@ -459,7 +490,10 @@ def test_a_bad_image_mid_run_stops_with_a_checkpoint_of_the_step_reached(tmp_pat
 
 @pytest.mark.parametrize("failure", ["bad validation image", "non-finite validation"])
 def test_a_validation_that_stops_the_run_keeps_its_steps(tmp_path, monkeypatch, failure):
-    trainer = make_trainer(tmp_path, steps=6, checkpoint_every=100, eval_every=3)
+    """A bad image: the model is fine, its step is saved. A non-finite score: nothing is saved
+    over the last good checkpoint (finite weights can still hold absurd statistics)."""
+    trainer = make_trainer(tmp_path, steps=6, checkpoint_every=2, eval_every=3,
+                           keep_checkpoints=1)
 
     def failing(*args, **kwargs):
         if failure == "bad validation image":
@@ -471,11 +505,13 @@ def test_a_validation_that_stops_the_run_keeps_its_steps(tmp_path, monkeypatch, 
         expected = (DatasetError, "07.png")
     else:
         monkeypatch.setattr("realnvp.train.evaluate", failing)
-        expected = (FloatingPointError, "validation at step 3: log_prob")
+        expected = (FloatingPointError, "validation at step 3: log_prob.*not saved: the last "
+                                        "checkpoint is .*ckpt-0000002.pt")
     with pytest.raises(expected[0], match=expected[1]):
         trainer.run()
-    assert latest_checkpoint(tmp_path).name == "ckpt-0000003.pt"
-    assert make_trainer(tmp_path, steps=6).state.step == 3
+    step = 3 if failure == "bad validation image" else 2
+    assert [p.name for p in step_checkpoints(tmp_path)] == [f"ckpt-{step:07d}.pt"]
+    assert make_trainer(tmp_path, steps=6).state.step == step
 
 
 def test_conditional_sample_grids_cycle_the_labels_of_a_small_validation_set(tmp_path):

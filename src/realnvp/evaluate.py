@@ -4,6 +4,7 @@ the negative log-likelihood in nats per example)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class EvalResult:
                 f"{self.samples} dequantisation sample{'s' if self.samples > 1 else ''})")
 
 
+# The noise of a batch is drawn at once, image-major (B, samples, C, H, W); above this many bytes
+# the batch is made smaller, which on the CPU changes no image's value (image-major noise).
+NOISE_BYTES = 256 * 2**20
+
+
 @torch.inference_mode()
 def evaluate(
     model: RealNVP,
@@ -58,8 +64,10 @@ def evaluate(
     """
     for name, value in (("samples", samples), ("batch_size", batch_size),
                         ("max_images", 1 if max_images is None else max_images)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    samples, batch_size = int(samples), int(batch_size)
+    max_images = None if max_images is None else int(max_images)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n == 0:
         raise ValueError("cannot evaluate on an empty dataset")
@@ -72,6 +80,9 @@ def evaluate(
                          "the dataset has no labels")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    if model.config.is_image:  # at most NOISE_BYTES of noise at a time (many samples)
+        image_bytes = 4 * samples * math.prod(dataset.image_shape)
+        batch_size = max(1, min(batch_size, NOISE_BYTES // image_bytes))
     values = []
     with eval_mode(model):
         for start in range(0, n, batch_size):

@@ -575,7 +575,9 @@ class Trainer:
         # gradients averaged by DistributedDataParallel around the loss.
         self.sync_batchnorm = self.dist.enabled and train.sync_batchnorm
         distributed.sync_batch_norm(self.model, self.sync_batchnorm)
-        if self.sync_batchnorm and train.recompute_activations and self.dist.is_main:
+        recompute = train.recompute_activations if train.recompute_activations is not None \
+            else train.memory_mode != "none"  # set_memory_mode's default
+        if self.sync_batchnorm and recompute and self.dist.is_main:
             print("note: recompute_activations has no effect with synchronised batch norm (its "
                   "s/t-network layers store their BN → ReLU outputs); add --no-sync-batchnorm "
                   "to recompute them", file=sys.stderr)
@@ -799,26 +801,29 @@ class Trainer:
 
     @contextlib.contextmanager
     def _saved_if_stopped(self, skipped: torch.Tensor, bar: tqdm, what: str) -> Iterator[None]:
-        """Checkpoint the step reached if ``what`` stops the run: an image that cannot be
-        decoded (it shows up when its batch is first read, in training or validation), or a
-        non-finite validation score. On one process; with several, the others wait in the next
-        collective and torchrun stops them."""
+        """Checkpoint the step reached if an image that cannot be decoded stops the run (it
+        shows up when its batch is first read, in training or validation): the model is fine,
+        so no step is lost. A non-finite validation score stops the run without one (the model
+        that gave it must not replace a good checkpoint), naming the last good checkpoint. On
+        one process; with several, the others wait in the next collective and torchrun stops
+        them."""
         try:
             yield
-        except (DatasetError, FloatingPointError) as error:
+        except DatasetError:
             if not self.dist.enabled and self.state.step > 0:
                 self._count_skipped(skipped, check_limit=False)  # the run stops anyway
-                fix = "replace the bad file" if isinstance(error, DatasetError) else \
-                    "change what diverged (a lower --lr, a warm-up)"
                 try:
                     path = self.checkpoint()
                 except FloatingPointError as not_saved:  # a diverged model is not saved
                     bar.write(f"not saved before stopping: {not_saved}")
                 else:
-                    bar.write(f"saved {path} before stopping; {fix} and rerun to resume")
-            if isinstance(error, FloatingPointError):
-                raise FloatingPointError(f"{what} at step {self.state.step}: {error}") from error
+                    bar.write(f"saved {path} before stopping; replace the bad file and rerun "
+                              "to resume")
             raise
+        except FloatingPointError as error:
+            raise FloatingPointError(
+                f"{what} at step {self.state.step}: {error}; not saved: the last checkpoint is "
+                f"{latest_checkpoint(self.run_dir)}") from error
 
     def checkpoint(self) -> Path:
         t, step = self.train_config, self.state.step
@@ -834,11 +839,13 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=state.step, disable=not (t.progress and main),
                    unit="step", dynamic_ncols=True)
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
-        with _stop_requests(enabled=not self.dist.enabled) as stop:
-            self._loop(bar, skipped, stop)
-        bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        try:
+            with _stop_requests(enabled=not self.dist.enabled) as stop:
+                self._loop(bar, skipped, stop)
+        finally:  # also when a signal or bad data stops the run: flush what was logged
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
         distributed.barrier(self.dist)  # rank 0's last files exist when run() returns anywhere
         return state
 
@@ -886,17 +893,14 @@ class Trainer:
             if checkpoint_now and main:
                 self.checkpoint()
             bar.update(1)
-            if stop.signum is not None:  # SIGTERM (a scheduler's preemption) or Ctrl-C
+            if stop.signum is not None and not last:  # a scheduler's SIGTERM, or Ctrl-C
                 if not checkpoint_now:
                     self._count_skipped(skipped, check_limit=False)
                     self.checkpoint()
                 name = signal.Signals(stop.signum).name
                 bar.write(f"{name}: saved {latest_checkpoint(self.run_dir)} at step "
                           f"{state.step}; rerun to resume")
-                bar.close()
-                if stop.signum == signal.SIGINT:
-                    raise KeyboardInterrupt
-                raise SystemExit(128 + stop.signum)
+                _stop_now(stop.signum)
 
 
 @dataclass
@@ -918,15 +922,25 @@ def _stop_requests(enabled: bool) -> Iterator[StopRequest]:
 
     def ask_to_stop(signum: int, frame: Any) -> None:
         if request.signum is not None:  # the second signal: no more waiting
-            raise KeyboardInterrupt
+            _stop_now(signum)
         request.signum = signum
 
-    previous = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # a signal the caller ignores (SIGINT of a background job) stays ignored
+    caught = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, ask_to_stop) for s in caught}
     try:
         yield request
     finally:
         for s, handler in previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set in C
+
+
+def _stop_now(signum: int) -> None:
+    """What the signal would have done: KeyboardInterrupt for SIGINT, exit 128 + 15 for
+    SIGTERM."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
 
 
 def train(model_config: RealNVPConfig, train_config: TrainConfig) -> Trainer:

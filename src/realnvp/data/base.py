@@ -36,6 +36,8 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     (an EXIF chunk after a PNG's pixel data is not seen: such an image fails its size check
     when decoded)."""
     width, height = image.size
+    if image.format == "TIFF":  # Pillow's TIFF reader reports the upright size already
+        return width, height
     # Image.getexif reads the header's EXIF, XMP and raw-profile tags; PNG's own getexif would
     # decode the whole file to look for an EXIF chunk after the pixels.
     if Image.Image.getexif(image).get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
@@ -136,9 +138,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def train_transform(self, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Random augmentation of a uint8 ``(B, C, H, W)`` batch, drawing only from ``generator``.
 
-        Random ``crop_size`` crop (LSUN) then, if ``random_flip``, a horizontal flip of each
-        image with probability 1/2; the identity for the other datasets.  Works on any device
-        (the random numbers are drawn on ``generator.device``).
+        A random ``crop_size`` crop of each given image (LSUN's training batches crop the whole
+        image instead: :meth:`RandomCropImageDataset.train_batch`) then, if ``random_flip``, a
+        horizontal flip of each image with probability 1/2; the identity for the other
+        datasets.  Works on any device (the random numbers are drawn on ``generator.device``).
         """
         if self.crop_size is not None:
             batch = _random_crop(batch, self.crop_size, generator)

@@ -137,10 +137,11 @@ def wait_for_quiet(max_busy: float, max_wait: float) -> dict[str, Any]:
 # -- the measurements (worker side) -----------------------------------------------------------
 
 
-def memory_key(device_type: str) -> str:
-    """The row field whose peak the memory line and the 8 GiB search use: the process's peak
-    resident memory on the CPU, the CUDA caching allocator's peak reservation on a GPU."""
-    return "peak_gpu_reserved_mib" if device_type == "cuda" else "peak_rss_mib"
+def memory_key(row: dict[str, Any]) -> str:
+    """The field of a row whose peak the memory line and the 8 GiB search use: the process's
+    peak resident memory on the CPU, the CUDA caching allocator's peak reservation on a GPU
+    (rows written before ``device`` was recorded are the CPU's)."""
+    return "peak_gpu_reserved_mib" if row.get("device") == "cuda" else "peak_rss_mib"
 
 
 def peak_memory(device) -> dict[str, float]:
@@ -491,7 +492,7 @@ def add_derived(row: dict[str, Any], ceilings: dict[str, Any], half: dict | None
     # Peak memory is close to linear in the batch size (activations) plus a constant (weights,
     # optimizer state, the framework): two batch sizes fix the line.
     row["max_batch_8gib"] = None
-    key = memory_key(row.get("device", "cpu"))
+    key = memory_key(row)
     if half is not None:
         for name in half:
             row[f"{name}_half_batch"] = half[name]
@@ -578,7 +579,7 @@ def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch:
         measured = run_worker(args, row["mode"], batch, True)
         return math.inf if measured is None else measured[key]
 
-    key = memory_key(row.get("device", "cpu"))
+    key = memory_key(row)
     points = search_max_batch(peak_at, [(half_batch, row[f"{key}_half_batch"]),
                                         (row["batch_size"], row[key])],
                               tries=args.max_batch_tries, first=args.max_batch_first)
@@ -616,7 +617,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         others = r.get("others_cpu")
         lines.append(
             f"| {r['mode']} | {fmt(r['train_img_s'], 2)} | {fmt(r['eval_img_s'], 2)} "
-            f"| {fmt(r['sample_img_s'], 2)} | {fmt(r[memory_key(r.get('device', 'cpu'))], 0)} "
+            f"| {fmt(r['sample_img_s'], 2)} | {fmt(r[memory_key(r)], 0)} "
             f"| {fmt(r['gflop_per_img'], 2)} | {fmt(r['conv_fraction'], 2)} "
             f"| {fmt(r.get('conv_fraction_here'), 2)} | {max_batch(r)} "
             f"| {'—' if others is None else f'{100 * others:.0f}%'} |"
@@ -734,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         write_json(args.json, result)
         print(f"[{mode}] train {row['train_img_s']:.2f} img/s, peak "
-              f"{row[memory_key(row.get('device', 'cpu'))]:.0f} MiB, others used "
+              f"{row[memory_key(row)]:.0f} MiB, others used "
               f"{100 * (row['others_cpu'] or 0):.0f}% of the CPUs",
               file=sys.stderr)
     result["load"]["loadavg_after"] = [round(v, 2) for v in os.getloadavg()]

@@ -287,13 +287,13 @@ def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") 
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    model = load_model(args.checkpoint, args.device, args.precision)
+    used = resolve_checkpoint(args.checkpoint)  # a run directory's best.pt (or latest)
+    model = load_model(used, args.device, args.precision)
     args.dataset, dataset = load_run_dataset(args.checkpoint, args.dataset, args.data_dir,
                                              args.split, valid_size=args.valid_size,
                                              split_seed=args.split_seed)
     result = evaluate(model, dataset, batch_size=args.batch_size, samples=args.samples,
                       max_images=args.max_images, seed=args.seed)
-    used = resolve_checkpoint(args.checkpoint)
     print(f"{args.dataset} {args.split}: {result} ({model.precision} s/t networks, {used})")
     if args.json is not None:
         record = {**result.to_dict(), "dataset": args.dataset, "split": args.split,

@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .cli import load_model, png_argument, positive_int
 from .data import DATASETS
 from .figures import (
     labelled_grid,
@@ -55,7 +56,7 @@ from .figures import (
     toy_figure,
     upscale,
 )
-from .model import RealNVP
+from .model import RealNVP, eval_mode
 
 DECODE_BATCH = 64  # images decoded at a time
 
@@ -65,7 +66,7 @@ DECODE_BATCH = 64  # images decoded at a time
 @contextlib.contextmanager
 def _evaluating(model: RealNVP) -> Iterator[None]:
     """Eval mode and no gradients inside; the model's mode is restored afterwards."""
-    with model._eval_mode(), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         yield
 
 
@@ -398,8 +399,6 @@ def toy_experiment(model: RealNVP, data: Tensor, n_prior: int | None = None,
 # -- the command line -----------------------------------------------------------------------------
 
 def _load(args: argparse.Namespace) -> RealNVP:
-    from .cli import load_model  # late import: cli imports this module
-
     return load_model(args.checkpoint, args.device)
 
 
@@ -453,8 +452,6 @@ def _write(image: Tensor, args: argparse.Namespace, what: str) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from .cli import png_argument  # late import: cli imports this module
-
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint or model file, or a run directory (uses its best.pt)")
     p.add_argument("--out", required=True, type=png_argument, help="PNG file to write")
@@ -463,8 +460,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_zoom(p: argparse.ArgumentParser) -> None:
-    from .cli import positive_int  # late import: cli imports this module
-
     p.add_argument("--zoom", type=positive_int, default=1,
                    help="enlarge every image by this integer factor (nearest neighbour)")
 
@@ -604,7 +599,6 @@ def cmd_toy(args: argparse.Namespace) -> None:
 
 def add_figure_commands(sub: argparse._SubParsersAction) -> None:
     """Add the paper's figure commands to the ``realnvp`` parser."""
-    from .cli import positive_int  # late import: cli imports this module
     p = sub.add_parser(
         "interpolate", help="the latent manifold spanned by four images",
         description="Encode four images z1..z4 and decode z(phi, phi') = cos(phi) (cos(phi') z1 "

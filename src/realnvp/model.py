@@ -169,7 +169,9 @@ def preset_config(name: str, **overrides: Any) -> RealNVPConfig:
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` and all its submodules in eval mode inside the block; afterwards each one is
-    back in its own mode (a batch norm frozen with ``.eval()`` stays frozen)."""
+    back in its own mode (a batch norm frozen with ``.eval()`` stays frozen). Encoding,
+    decoding and sampling always run in it: the eval-mode bijection (running batch-norm
+    statistics), whatever mode the module is in."""
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
@@ -359,11 +361,6 @@ class RealNVP(nn.Module):
             h, _ = self.preprocess.inverse(h)
         return h
 
-    def _eval_mode(self) -> contextlib.AbstractContextManager[None]:
-        """Encoding, decoding and sampling always use the eval-mode bijection (running
-        batch-norm statistics), whatever mode the module is in, and leave that mode as it was."""
-        return eval_mode(self)
-
     # -- run-time options (not part of the config, not saved) ------------------------------
 
     def set_precision(self, precision: str) -> RealNVP:
@@ -494,7 +491,7 @@ class RealNVP(nn.Module):
         """x (N, C, H, W) in [0, 1) (or (N, D)) → [z_1, …, z_L], finest scale first (eval mode).
         Inputs of another spatial size are accepted where every squeeze meets an even size."""
         self._check_pixels(x, any_size=True)
-        with self._eval_mode():
+        with eval_mode(self):
             return self._forward(x, cond)[0]
 
     def decode(self, latents: list[Tensor], cond: Tensor | None = None) -> Tensor:
@@ -523,7 +520,7 @@ class RealNVP(nn.Module):
             raise ValueError(f"latent shapes {got} do not fit this model; expected {expected}")
         if not all(torch.isfinite(z).all() for z in latents):
             raise ValueError("the latents contain NaN or infinite values")
-        with self._eval_mode():
+        with eval_mode(self):
             return self._inverse(list(latents), cond)
 
     @torch.no_grad()
@@ -547,7 +544,7 @@ class RealNVP(nn.Module):
             temperature * torch.randn((n, *s), generator=generator, device=device, dtype=dtype)
             for s in self.latent_shapes(shape)
         ]
-        with self._eval_mode():
+        with eval_mode(self):
             x = self._inverse(latents, cond)
         return x.clamp(0, 1) if self.config.is_image else x
 

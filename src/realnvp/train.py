@@ -241,7 +241,12 @@ def run_configs(path: str | Path) -> tuple[RealNVPConfig, TrainConfig] | None:
     if run is not None and (run / "config.toml").is_file():
         return read_config(run / "config.toml")
     checkpoint = resolve_checkpoint(path, prefer="latest")
-    payload = safe_load(checkpoint, MODEL_FILE_FORMATS, mmap=True)  # the configs, not the weights
+    # the configs, not the weights
+    return checkpoint_configs(safe_load(checkpoint, MODEL_FILE_FORMATS, mmap=True))
+
+
+def checkpoint_configs(payload: dict) -> tuple[RealNVPConfig, TrainConfig] | None:
+    """(model, training) configuration a checkpoint recorded; None for a model file."""
     if "train_config" not in payload:
         return None
     return (RealNVPConfig.from_dict(payload["config"]),
@@ -290,8 +295,9 @@ def _fixed_changes(saved: TrainConfig, asked: TrainConfig) -> list[str]:
 def _check_resume(path: Path, payload: dict, train: TrainConfig) -> None:
     """Refuse a resume that would silently train another run: a changed split, seed or
     conditioning, or fewer steps than the checkpoint has already taken."""
-    if "train_config" in payload:
-        changed = _fixed_changes(TrainConfig.from_dict(payload["train_config"]), train)
+    saved = checkpoint_configs(payload)
+    if saved is not None:
+        changed = _fixed_changes(saved[1], train)
         if changed:
             raise ValueError(f"resuming from {path}: {', '.join(changed)}. A run keeps its "
                              "dataset, seed, valid_size and conditioning (they fix its "
@@ -539,9 +545,8 @@ class Trainer:
                              f"{model_config.input_shape}: choose a matching preset or set "
                              "input_shape")
         check_batch_fits(len(self.train_set), train.batch_size, self.dist.world_size)
-        self.model_config = model_config
         if payload is None:
-            self._check_best_is_this_runs()
+            self._check_best_is_this_runs(model_config)
         torch.manual_seed(train.seed)  # the model's initial weights
         self.model = RealNVP(model_config).to(self.device)
         self.model.set_precision(train.precision).set_memory_mode(
@@ -575,9 +580,7 @@ class Trainer:
         # gradients averaged by DistributedDataParallel around the loss.
         self.sync_batchnorm = self.dist.enabled and train.sync_batchnorm
         distributed.sync_batch_norm(self.model, self.sync_batchnorm)
-        recompute = train.recompute_activations if train.recompute_activations is not None \
-            else train.memory_mode != "none"  # set_memory_mode's default
-        if self.sync_batchnorm and recompute and self.dist.is_main:
+        if self.sync_batchnorm and self.model.recompute_activations and self.dist.is_main:
             print("note: recompute_activations has no effect with synchronised batch norm (its "
                   "s/t-network layers store their BN → ReLU outputs); add --no-sync-batchnorm "
                   "to recompute them", file=sys.stderr)
@@ -603,7 +606,7 @@ class Trainer:
         checkpoint a run resumes from, and a resume that is not exact must not replace it by a
         worse model."""
         payload = self._best_payload()
-        if payload is None or not self._is_this_runs(payload):
+        if payload is None or not self._is_this_runs(payload, self.model.config):
             return math.inf
         try:
             return float(payload["run_state"]["best_valid_bpd"])
@@ -617,21 +620,21 @@ class Trainer:
         except CheckpointError:
             return None
 
-    def _is_this_runs(self, payload: dict) -> bool:
+    def _is_this_runs(self, payload: dict, model_config: RealNVPConfig) -> bool:
         """Whether a checkpoint was written by a run of this architecture on the same data
         split and seed (such a run takes the same steps as this one)."""
         try:
-            model = RealNVPConfig.from_dict(payload["config"])
-            train = TrainConfig.from_dict(payload["train_config"])
+            saved = checkpoint_configs(payload)
         except (KeyError, TypeError, ValueError):
             return False
-        return model == self.model_config and not _fixed_changes(train, self.train_config)
+        return saved is not None and saved[0] == model_config \
+            and not _fixed_changes(saved[1], self.train_config)
 
-    def _check_best_is_this_runs(self) -> None:
+    def _check_best_is_this_runs(self, model_config: RealNVPConfig) -> None:
         """A fresh start refuses a run directory whose best.pt another run wrote: it would be
         taken for this run's best model (by eval, and by a later resume)."""
         payload = self._best_payload()
-        if payload is not None and not self._is_this_runs(payload):
+        if payload is not None and not self._is_this_runs(payload, model_config):
             raise ValueError(f"{checkpoint_dir(self.run_dir) / 'best.pt'} is the best model of "
                              "another run (other architecture, data split or seed): move it "
                              "away, or start this run in another run_dir")

@@ -8,6 +8,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -200,12 +201,17 @@ class LazyImageDataset(ImageDataset):
     (CelebA's training split at 64×64: 2.0 GB) and off for larger ones (LSUN bedroom at 96×96:
     84 GB), which are then decoded at every epoch; ``cache`` can be set either way."""
 
+    # a decoded image holds at most this many times the bytes of ``stored_shape`` (for the
+    # cache's size estimate)
+    decoded_size_factor = 1
+
     def __init__(self, source: FileSource | ZipSource,
                  decoder: Callable[[Image.Image, str], np.ndarray], **kwargs) -> None:
         super().__init__(**kwargs)
         self.source = source
         self.decoder = decoder
-        self.cache = len(source) * int(np.prod(self.stored_shape)) <= cache_limit_bytes()
+        self.cache = (self.decoded_size_factor * len(source) * int(np.prod(self.stored_shape))
+                      <= cache_limit_bytes())
         self._cache: dict[int, np.ndarray] = {}
         if len(source) != len(self.source_indices):
             raise ValueError("source and source_indices differ in length")
@@ -255,12 +261,13 @@ class RandomCropImageDataset(LazyImageDataset):
     estimate allows for images up to twice as long as they are wide.
     """
 
+    decoded_size_factor = 2  # images up to twice as long as they are wide
+
     def __init__(self, source: FileSource | ZipSource,
                  decoder: Callable[[Image.Image, str], np.ndarray], **kwargs) -> None:
         super().__init__(source, decoder, **kwargs)
         if self.crop_size is None or self.stored_shape[1] != self.stored_shape[2]:
             raise ValueError("a random-crop dataset needs crop_size and a square stored_shape")
-        self.cache = 2 * len(source) * int(np.prod(self.stored_shape)) <= cache_limit_bytes()
 
     def _check_decoded(self, array: np.ndarray, name: str) -> None:
         channels, side = self.stored_shape[:2]
@@ -293,10 +300,13 @@ class RandomCropImageDataset(LazyImageDataset):
         return images, self._labels(idx)
 
 
-def _centre(array: np.ndarray, side: int) -> np.ndarray:
-    """The centre ``side`` x ``side`` square of a ``(C, H, W)`` array."""
-    top, left = (array.shape[1] - side) // 2, (array.shape[2] - side) // 2
-    return array[:, top:top + side, left:left + side]
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
+
+
+def _centre(array: ArrayT, side: int) -> ArrayT:
+    """The centre ``side`` x ``side`` square of the last two axes of an array or tensor."""
+    top, left = (array.shape[-2] - side) // 2, (array.shape[-1] - side) // 2
+    return array[..., top:top + side, left:left + side]
 
 
 class FileSource:
@@ -380,8 +390,7 @@ def _random_crop(batch: torch.Tensor, size: int, generator: torch.Generator) -> 
 
 def _center_crop(batch: torch.Tensor, size: int) -> torch.Tensor:
     _check_batch(batch, size)
-    top, left = (batch.shape[-2] - size) // 2, (batch.shape[-1] - size) // 2
-    return batch[..., top:top + size, left:left + size]
+    return _centre(batch, size)
 
 
 # ---------------------------------------------------------------------------------------------

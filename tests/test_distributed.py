@@ -19,7 +19,7 @@ import torch
 import realnvp.model
 import realnvp.train
 from realnvp import RealNVPConfig
-from realnvp.distributed import shutdown
+from realnvp.distributed import agreed_signal, setup, shutdown
 from realnvp.train import (
     DEMO_DATA,
     RunState,
@@ -214,12 +214,31 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env,
     assert json.loads((out / "writes-0.json").read_text())  # (the watch does see rank 0's)
 
 
-def train_command(run_dir: Path, steps: int) -> list[str]:
+def train_command(run_dir: Path, steps: int, *extra: str) -> list[str]:
     return ["-m", "realnvp", "train", "--preset", "mnist", "--dataset", "mnist-t10k",
             "--data-dir", str(DEMO_DATA), "--run-dir", str(run_dir), "--steps", str(steps),
             "--batch-size", "8", "--checkpoint-every", "3", "--eval-every", "1000",
             "--eval-images", "16", "--sample-every", "1000", "--sample-count", "4",
-            "--no-progress", *TINY]
+            "--no-progress", *TINY, *extra]
+
+
+def child_processes(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(command name)"
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if "train_bpd" in line]
 
 
 def resume_config(run_dir: Path, steps: int) -> TrainConfig:
@@ -249,22 +268,28 @@ def _resume_worker(rank: int, world: int, run_dir: Path, steps: int, out: Path) 
 
 
 def test_resume_across_world_sizes(tmp_path, one_thread_env):
-    """2 processes (torchrun, killed) → 1 process → 2 processes: each resumes at the step, the
-    data position (in images) and the parameters of the last checkpoint, then trains on; only
-    rank 0 writes."""
+    """2 processes (torchrun, stopped by SIGTERM) → 1 process → 2 processes: the stopped run
+    checkpoints the step it reached, and each run resumes at the step, the data position (in
+    images) and the parameters of the last checkpoint, then trains on; only rank 0 writes."""
     run, out = tmp_path / "run", tmp_path / "out"
     out.mkdir()
-    # 1. torchrun, 2 processes × batch 8, terminated (no clean-up) once a checkpoint exists
+    # 1. torchrun, 2 processes × batch 8, sent SIGTERM once 4 steps are logged, as a scheduler
+    # does before it preempts a job: to every process, so that each worker gets it twice,
+    # directly and passed on by torchrun
     log = tmp_path / "torchrun.log"
     with open(log, "w") as stdout:
         job = subprocess.Popen([str(TORCHRUN), "--nproc-per-node", "2", "--master-addr",
                                 "127.0.0.1", "--master-port", str(free_port()),
-                                *train_command(run, 1000)], stdout=stdout,
+                                *train_command(run, 1000, "--log-every", "1")], stdout=stdout,
                                stderr=subprocess.STDOUT)
         deadline = time.time() + 120
-        while latest_checkpoint(run) is None and job.poll() is None and time.time() < deadline:
+        while len(logged_steps(run)) < 4 and job.poll() is None and time.time() < deadline:
             time.sleep(0.05)
-        job.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+        workers = child_processes(job.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        job.send_signal(signal.SIGTERM)
         job.wait(timeout=60)
     text = log.read_text()
     assert latest_checkpoint(run) is not None, text
@@ -272,7 +297,9 @@ def test_resume_across_world_sizes(tmp_path, one_thread_env):
     assert text.count("model: ") == 1  # only rank 0 prints
     first = load_checkpoint(latest_checkpoint(run))
     k = first["run_state"]["step"]
-    assert k >= 3 and k % 3 == 0 and first["world_size"] == 2
+    assert k >= 4 and first["world_size"] == 2
+    assert logged_steps(run)[-1] == k  # no step lost, whether or not k is a multiple of 3
+    assert f"SIGTERM: saved {latest_checkpoint(run)} at step {k}" in text, text
     assert first["run_state"]["epoch_offset"] == 16 * k  # the global batch is 2 × 8
 
     # 2. one process resumes it (2 → 1) and trains 3 steps of 8 images
@@ -331,3 +358,19 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, one_thread_env
     names = {name for name, _ in realnvp.model.RealNVP(MODEL).named_parameters()}
     for k in names:  # the same parameters on both ranks (running statistics are per rank)
         assert torch.equal(ranks[0][2][k], ranks[1][2][k]), k
+
+
+def _agreed_signal_worker(rank: int, world: int, out: Path) -> None:
+    ctx = setup("cpu")
+    asked = [(None, None), (None, signal.SIGINT), (signal.SIGTERM, signal.SIGINT)]
+    agreed = [agreed_signal(ctx, pair[rank]) for pair in asked]
+    (out / f"agreed-{rank}.json").write_text(json.dumps(agreed))
+
+
+def test_every_rank_learns_the_signal_any_rank_got(tmp_path, one_thread_env):
+    """No signal: None everywhere; one rank's SIGINT reaches the other; SIGTERM wins over SIGINT
+    (a scheduler's preemption over a Ctrl-C)."""
+    spawn(_agreed_signal_worker, 2, tmp_path)
+    for rank in range(2):
+        agreed = json.loads((tmp_path / f"agreed-{rank}.json").read_text())
+        assert agreed == [None, signal.SIGINT, signal.SIGTERM]

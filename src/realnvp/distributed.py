@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ class DistributedContext:
     world_size: int
     local_rank: int
     device: torch.device
+    #: a gloo group for small host-side agreements (None: the default group is gloo already)
+    host_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -80,7 +82,10 @@ def setup(device: str = "auto") -> DistributedContext:
         torch.cuda.set_device(base)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
-    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, base)
+    # NCCL reduces device tensors only: reading one back would wait for the GPU's queue
+    host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, base,
+                              host_group)
 
 
 def shutdown() -> None:
@@ -92,6 +97,17 @@ def shutdown() -> None:
 def barrier(ctx: DistributedContext) -> None:
     if ctx.enabled:
         dist.barrier()
+
+
+def agreed_signal(ctx: DistributedContext, signum: int | None) -> int | None:
+    """The signal any process was asked to stop by (the largest number where several were:
+    SIGTERM before SIGINT), or None: every process then stops after the same step. One integer
+    all-reduced on the host (gloo), so it never waits for a GPU."""
+    if not ctx.enabled:
+        return signum
+    flag = torch.tensor([signum or 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.host_group)
+    return int(flag) or None
 
 
 def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:

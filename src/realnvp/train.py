@@ -808,8 +808,8 @@ class Trainer:
         shows up when its batch is first read, in training or validation): the model is fine,
         so no step is lost. A non-finite validation score stops the run without one (the model
         that gave it must not replace a good checkpoint), naming the last good checkpoint. On
-        one process; with several, the others wait in the next collective and torchrun stops
-        them."""
+        one process; with several, the others wait in the next collective until torchrun
+        stops them."""
         try:
             yield
         except DatasetError:
@@ -843,7 +843,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         try:
-            with _stop_requests(enabled=not self.dist.enabled) as stop:
+            with _stop_requests(second_stops_at_once=not self.dist.enabled) as stop:
                 self._loop(bar, skipped, stop)
         finally:  # also when a signal or bad data stops the run: flush what was logged
             bar.close()
@@ -896,14 +896,25 @@ class Trainer:
             if checkpoint_now and main:
                 self.checkpoint()
             bar.update(1)
-            if stop.signum is not None and not last:  # a scheduler's SIGTERM, or Ctrl-C
-                if not checkpoint_now:
-                    self._count_skipped(skipped, check_limit=False)
-                    self.checkpoint()
-                name = signal.Signals(stop.signum).name
-                bar.write(f"{name}: saved {latest_checkpoint(self.run_dir)} at step "
-                          f"{state.step}; rerun to resume")
-                _stop_now(stop.signum)
+            # a scheduler's SIGTERM or a Ctrl-C, on any process: all stop after this step
+            signum = None if last else distributed.agreed_signal(self.dist, stop.signum)
+            if signum is not None:
+                self._stop_after_step(signum, skipped, bar, saved=checkpoint_now)
+
+    def _stop_after_step(self, signum: int, skipped: Tensor, bar: tqdm, saved: bool) -> None:
+        """Checkpoint the step reached unless it was just saved (every process takes part in
+        agreeing on the running statistics, rank 0 writes, the others wait until the file
+        exists), then exit as the signal would have."""
+        if not saved:
+            self._count_skipped(skipped, check_limit=False)
+            self._agree_on_running_stats()
+            if self.dist.is_main:
+                self.checkpoint()
+        distributed.barrier(self.dist)
+        if self.dist.is_main:
+            bar.write(f"{signal.Signals(signum).name}: saved {latest_checkpoint(self.run_dir)} "
+                      f"at step {self.state.step}; rerun to resume")
+        _stop_now(signum)
 
 
 @dataclass
@@ -914,19 +925,21 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def _stop_requests(enabled: bool) -> Iterator[StopRequest]:
+def _stop_requests(second_stops_at_once: bool = True) -> Iterator[StopRequest]:
     """While training, SIGTERM and SIGINT ask the loop to stop after the current step (it then
-    checkpoints); a second one stops at once. Off with several processes (saving needs every
-    process, and torchrun stops them anyway) and outside the main thread (no signals there)."""
+    checkpoints); a second one stops at once, unless ``second_stops_at_once`` is off. It is off
+    with several processes: a process signalled tells the others after the step, and a
+    scheduler's signal may reach each process twice, directly and through torchrun (which
+    kills them 30 s after passing it on). Off outside the main thread (no signals there)."""
     request = StopRequest()
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield request
         return
 
     def ask_to_stop(signum: int, frame: Any) -> None:
-        if request.signum is not None:  # the second signal: no more waiting
+        if request.signum is not None and second_stops_at_once:  # no more waiting
             _stop_now(signum)
-        request.signum = signum
+        request.signum = request.signum or signum
 
     # a signal the caller ignores (SIGINT of a background job) stays ignored
     caught = [s for s in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(s) != signal.SIG_IGN]

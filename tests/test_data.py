@@ -327,6 +327,24 @@ def test_celeba_attributes(celeba_small: tuple[Path, np.ndarray]) -> None:
     assert label.shape == (40,)
 
 
+def test_celeba_takes_the_zip_that_holds_the_partitions_files(
+        celeba_small: tuple[Path, np.ndarray]) -> None:
+    root, _ = celeba_small
+    folder = root / "img_align_celeba"
+    names = sorted(p.name for p in folder.iterdir())
+    for zip_name, members in (("aligned_samples.zip", names[:1]),  # first by name, too few
+                              ("my_celeba_copy.zip", names)):
+        with zipfile.ZipFile(root / zip_name, "w") as archive:
+            for name in members:
+                archive.write(folder / name, f"img_align_celeba/{name}")
+    expected = all_items(load_dataset("celeba", root, "train"))[0]
+    shutil.rmtree(folder)
+    assert torch.equal(all_items(load_dataset("celeba", root, "train"))[0], expected)
+    (root / "my_celeba_copy.zip").unlink()
+    with pytest.raises(DatasetError, match="aligned_samples.zip \\(4 listed files missing"):
+        load_dataset("celeba", root, "train")
+
+
 def test_celeba_missing_files(celeba_small: tuple[Path, np.ndarray]) -> None:
     root, _ = celeba_small
     partition = root / "list_eval_partition.txt"
@@ -337,6 +355,12 @@ def test_celeba_missing_files(celeba_small: tuple[Path, np.ndarray]) -> None:
     partition.write_text(text + "000001.jpg 5\n")
     with pytest.raises(DatasetError, match="list_eval_partition.txt.*line 6"):
         load_dataset("celeba", root, "train")
+    partition.write_text(text + "000058.jpg 0\n")  # twice in train
+    with pytest.raises(DatasetError, match="000058.jpg is listed on lines 2 and 6"):
+        load_dataset("celeba", root, "train")
+    partition.write_text(text + "000002.jpg 2\n")  # a training image in the test split
+    with pytest.raises(DatasetError, match="000002.jpg is listed on lines 1 and 6"):
+        load_dataset("celeba", root, "test")
     partition.write_text(text)
     attr = root / "list_attr_celeba.txt"
     lines = attr.read_text().splitlines()
@@ -532,6 +556,12 @@ def test_npz_layouts_and_errors(tmp_path: Path) -> None:
         np.savez(tmp_path / f"{name}.npz", x_train=array, x_test=array)
         with pytest.raises(DatasetError, match=f"{name}.npz.*{message}"):
             load_dataset("npz", tmp_path / f"{name}.npz", "test")
+    attributes = rng.integers(0, 2, (3, 4))
+    np.savez(tmp_path / "kinds.npz", x_train=nhwc, y_train=y, x_valid=nhwc[:3],
+             y_valid=attributes, x_test=nhwc[:2], y_test=y[:2])
+    with pytest.raises(DatasetError, match="kinds.npz: the splits' labels are of different "
+                                           "kinds \\(y_train class, y_valid attributes"):
+        load_dataset("npz", tmp_path / "kinds.npz", "train")
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file")
     with pytest.raises(DatasetError, match="garbage.npz"):
         load_dataset("npz", tmp_path / "garbage.npz", "test")

@@ -385,6 +385,14 @@ def test_encode_decode_sample_and_config_refuse_bad_values():
         model.decode(latents)
     with pytest.raises(ValueError, match="finite number >= 0"):
         model.sample(2, temperature=math.nan)
+    latents = model.encode(ok)
+    for bad, match in [([latents[0], latents[1].long()], "floating point, got torch.int64"),
+                       ([latents[0], latents[1].double()], "latents are torch.float64")]:
+        with pytest.raises(TypeError, match=match):
+            model.decode(bad)
+    bf16 = small_image_model((3, 8, 8), 2).set_precision("bf16").double()
+    with pytest.raises(TypeError, match="bf16 s/t networks need a float32 model"):
+        bf16.log_prob(ok.double())  # not quietly fp64 while the setting says bf16
     conditional = small_image_model((1, 8, 8), 2, num_classes=3).eval()
     with pytest.raises(ValueError, match="integer tensor"):
         conditional.log_prob(pixels((1, 8, 8), 2, torch.float32), torch.tensor([True, False]))
@@ -398,6 +406,9 @@ def test_encode_decode_sample_and_config_refuse_bad_values():
     vector = RealNVP(RealNVPConfig(input_shape=(4,))).eval()
     with pytest.raises(ValueError, match="infinite"):
         vector.encode(torch.tensor([[0.0, math.inf, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="shape= is for image models"):
+        vector.sample(2, shape=(8, 8))
+    assert vector.sample(2, shape=(4,)).shape == (2, 4)
 
 
 def test_pixel_baseline_by_hand():

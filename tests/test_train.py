@@ -381,6 +381,11 @@ def test_eval_scores_the_runs_own_validation_slice(tmp_path, monkeypatch):
               str(DEMO_DATA), "--split", "valid", "--split-seed", "0", "--valid-size", "100"])
     assert scored[-1] == load_dataset("mnist-t10k", DEMO_DATA, "valid", seed=0,
                                       valid_size=100).source_indices.tolist()
+    # MNIST's test split is the t10k file, of which this run trained on 9,000 images
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["eval", "--checkpoint", str(run), "--dataset", "mnist", "--data-dir",
+                  str(DEMO_DATA), "--split", "test"])
+    assert refused.value.code == 2 and len(scored) == 7
 
 
 def test_partial_config_file_overrides_only_what_it_sets(tmp_path):
@@ -721,3 +726,46 @@ def test_resume_keeps_a_best_model_newer_than_its_checkpoint(tmp_path):
     assert best["best_valid_bpd"] < ckpt["best_valid_bpd"]  # the model improved after step 2
     resumed = make_trainer(tmp_path, steps=4, eval_every=1, eval_images=16)
     assert resumed.state.best_valid_bpd == best["best_valid_bpd"]
+
+
+def npz_run(tmp_path, npz, steps=2, **overrides) -> Trainer:
+    return Trainer(RealNVPConfig(input_shape=(3, 8, 8), scales=1, res_blocks=1, features=4),
+                   TrainConfig(**{**dict(dataset="npz", data_dir=str(npz),
+                                         run_dir=str(tmp_path / "run"), steps=steps,
+                                         batch_size=8, checkpoint_every=1, eval_every=1000,
+                                         eval_images=8, sample_every=1000, progress=False),
+                                  **overrides}))
+
+
+def test_validation_split_unlike_the_training_split_is_refused_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "shape.npz", x_train=x, x_valid=x[:8, :, :, :1], x_test=x[:8])
+    with pytest.raises(DatasetError, match=r"validation images of shape \(1, 8, 8\), training "
+                                           r"images of shape \(3, 8, 8\)"):
+        npz_run(tmp_path, tmp_path / "shape.npz")
+    y = rng.integers(0, 3, 40)
+    np.savez(tmp_path / "nolabels.npz", x_train=x, y_train=y, x_valid=x[:8], x_test=x[:8])
+    npz_run(tmp_path, tmp_path / "nolabels.npz", steps=1).run()  # unconditional: labels unused
+    with pytest.raises(DatasetError, match="training split has class labels, the validation "
+                                           "split no labels"):
+        npz_run(tmp_path / "c", tmp_path / "nolabels.npz", conditional=True)
+    assert not (tmp_path / "c" / "run" / "checkpoints").exists()
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
+    """Images added to (or removed from) the dataset move its validation slice and its epoch
+    order: a resume would score the run partly on images it trained on."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x_train=x[:40], x_test=x[:8])  # validation: a seeded slice of x_train
+    npz_run(tmp_path, npz).run()
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert saved["data"]["train_images"] == 36 and saved["data"]["valid_images"] == 4
+    np.savez(npz, x_train=x[:40], x_test=x[:4])  # the test split is not the run's concern
+    assert npz_run(tmp_path, npz, steps=3).state.step == 2
+    np.savez(npz, x_train=x, x_test=x[:8])
+    with pytest.raises(ValueError, match=r"has changed since the checkpoint \(train images 36 → "
+                                         r"45, valid images 4 → 5, valid positions"):
+        npz_run(tmp_path, npz, steps=3)

@@ -98,6 +98,9 @@ class AffineCoupling(Bijection):
         if self.st_autocast is None:
             raw = self.net(h, cond, b)
         else:
+            if h.dtype != torch.float32:  # model.double() after set_precision("bf16")
+                raise TypeError(f"bf16 s/t networks need a float32 model, this one computes "
+                                f"in {h.dtype}: call set_precision('fp32') first")
             with torch.autocast(h.device.type, dtype=self.st_autocast):
                 raw = self.net(h, cond, b)
         # s, t, the affine map and the log-det stay in full precision, also under a caller's

@@ -41,7 +41,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -108,9 +108,26 @@ def flow_forward(
 # -- "checkpoint" ---------------------------------------------------------------------------
 
 
+class _FrozenStatsEachTime(contextlib.AbstractContextManager):
+    """:func:`frozen_running_stats` of ``layer``, entered afresh each time: torch.utils.checkpoint
+    enters the recomputation's context once per backward pass through the graph, and a graph
+    kept with ``retain_graph=True`` is traversed more than once."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer, self.entered = layer, []
+
+    def __enter__(self) -> None:
+        context = frozen_running_stats(self.layer)
+        context.__enter__()
+        self.entered.append(context)
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        return self.entered.pop().__exit__(*exc_info)
+
+
 def _recompute_contexts(layer: nn.Module) -> tuple[contextlib.AbstractContextManager, ...]:
     # (context of the first forward pass, context of the recomputation)
-    return contextlib.nullcontext(), frozen_running_stats(layer)
+    return contextlib.nullcontext(), _FrozenStatsEachTime(layer)
 
 
 def _checkpointed(flow: Sequential, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -245,6 +247,21 @@ def run_configs(path: str | Path) -> tuple[RealNVPConfig, TrainConfig] | None:
     return checkpoint_configs(safe_load(checkpoint, MODEL_FILE_FORMATS, mmap=True))
 
 
+def _check_same_kind(name: str, train_set: Any, valid_set: Any, conditional: bool) -> None:
+    """The validation split must hold what the training split holds (shape, and labels for a
+    conditional run): a mismatch would otherwise surface only at the first evaluation or
+    sample grid."""
+    train_shape, valid_shape = tuple(train_set.image_shape), tuple(valid_set.image_shape)
+    if train_shape != valid_shape:
+        raise DatasetError(f"dataset {name!r}: validation images of shape {valid_shape}, "
+                           f"training images of shape {train_shape}")
+    kinds = (train_set.label_kind, valid_set.label_kind)
+    if conditional and kinds[0] != kinds[1]:
+        describe = [f"{k} labels" if k else "no labels" for k in kinds]
+        raise DatasetError(f"dataset {name!r}: the training split has {describe[0]}, the "
+                           f"validation split {describe[1]}")
+
+
 def checkpoint_configs(payload: dict) -> tuple[RealNVPConfig, TrainConfig] | None:
     """(model, training) configuration a checkpoint recorded; None for a model file."""
     if "train_config" not in payload:
@@ -264,6 +281,10 @@ def run_split(run: tuple[RealNVPConfig, TrainConfig] | None, dataset: str
     return run[1].seed, run[1].valid_size
 
 
+# (a run's dataset, another dataset, its split) where that split holds the run's training images
+CONTAINS_TRAINING_IMAGES = {("mnist-t10k", "mnist", "test"): "MNIST's 10,000 test images"}
+
+
 def load_run_dataset(checkpoint: str | Path, dataset: str | None, data_dir: str | Path | None,
                      split: str, *, valid_size: int | None = None,
                      split_seed: int | None = None) -> tuple[str, ImageDataset]:
@@ -276,6 +297,11 @@ def load_run_dataset(checkpoint: str | Path, dataset: str | None, data_dir: str 
     if dataset is None:
         raise ValueError("give --dataset and --data-dir: they default to the run's own only "
                          "when --checkpoint belongs to a training run")
+    if run is not None and (run[1].dataset, dataset, split) in CONTAINS_TRAINING_IMAGES:
+        raise ValueError(f"the run trained on {run[1].dataset}, whose images are "
+                         f"{CONTAINS_TRAINING_IMAGES[run[1].dataset, dataset, split]}: "
+                         f"--dataset {dataset} --split {split} would score its training images "
+                         f"(evaluate --dataset {run[1].dataset} instead)")
     seed, size = run_split(run, dataset)
     seed = seed if split_seed is None else split_seed
     size = size if valid_size is None else valid_size
@@ -292,9 +318,35 @@ def _fixed_changes(saved: TrainConfig, asked: TrainConfig) -> list[str]:
             if getattr(saved, k) != getattr(asked, k)]
 
 
-def _check_resume(path: Path, payload: dict, train: TrainConfig) -> None:
-    """Refuse a resume that would silently train another run: a changed split, seed or
-    conditioning, or fewer steps than the checkpoint has already taken."""
+def data_fingerprint(train_set: Any, valid_set: Any) -> dict[str, Any]:
+    """What a resumed run must find again in its data files: the number of training and
+    validation images and which of the source's items the validation images are (a digest of
+    their positions). Images added to a folder, or removed, change the epoch order and move
+    the validation slice, so that a resume would score the run on images it trained on."""
+    positions = getattr(valid_set, "source_indices", None)
+    digest = None if positions is None else hashlib.blake2b(
+        np.ascontiguousarray(positions, dtype="<i8").tobytes(), digest_size=8).hexdigest()
+    return {"train_images": len(train_set), "valid_images": len(valid_set),
+            "valid_positions": digest}
+
+
+def _data_changes(payload: dict, data: dict[str, Any]) -> list[str]:
+    saved = payload.get("data")  # absent from checkpoints written before it was saved
+    if not isinstance(saved, dict):
+        return []
+    return [f"{k.replace('_', ' ')} {saved.get(k)} → {v}" for k, v in data.items()
+            if saved.get(k) != v]
+
+
+def _check_resume(path: Path, payload: dict, train: TrainConfig, data: dict[str, Any]) -> None:
+    """Refuse a resume that would silently train another run: a changed split, seed,
+    conditioning or data, or fewer steps than the checkpoint has already taken."""
+    changed_data = _data_changes(payload, data)
+    if changed_data:
+        raise ValueError(f"resuming from {path}: the dataset {train.dataset!r} in "
+                         f"{train.data_dir} has changed since the checkpoint ("
+                         f"{', '.join(changed_data)}). Its epoch order and validation split "
+                         "depend on its images: restore them, or start a new run_dir")
     saved = checkpoint_configs(payload)
     if saved is not None:
         changed = _fixed_changes(saved[1], train)
@@ -356,10 +408,11 @@ def _all_finite(module: torch.nn.Module) -> bool:
 
 def save_checkpoint(path: Path, model: RealNVP, optimizer: torch.optim.Optimizer,
                     state: RunState, train: TrainConfig, generators: dict[str, torch.Generator],
-                    world_size: int = 1) -> None:
+                    world_size: int = 1, data: dict[str, Any] | None = None) -> None:
     """Write a checkpoint atomically; refuses (raises) if the model holds a non-finite value, so
     a diverged state never replaces a good checkpoint. ``generators`` are rank 0's;
-    ``world_size`` (the number of processes that trained) is informative only."""
+    ``world_size`` (the number of processes that trained) is informative only; ``data`` is
+    the :func:`data_fingerprint` a resume checks."""
     if not _all_finite(model):
         raise FloatingPointError("the model holds non-finite parameters or statistics: "
                                  f"not writing {path}")
@@ -371,6 +424,7 @@ def save_checkpoint(path: Path, model: RealNVP, optimizer: torch.optim.Optimizer
         "run_state": dataclasses.asdict(state),
         "rng": {name: g.get_state() for name, g in generators.items()},
         "world_size": world_size,
+        **({} if data is None else {"data": data}),
     }, path)
 
 
@@ -515,6 +569,8 @@ class Trainer:
                                       valid_size=train.valid_size)
         self.valid_set = load_dataset(train.dataset, train.data_dir, "valid", seed=train.seed,
                                       valid_size=train.valid_size)
+        _check_same_kind(train.dataset, self.train_set, self.valid_set, train.conditional)
+        self.data = data_fingerprint(self.train_set, self.valid_set)
         if train.random_flip is not None:
             if not hasattr(self.train_set, "random_flip"):
                 raise ValueError(f"random_flip is for images; {train.dataset!r} holds vectors")
@@ -531,7 +587,7 @@ class Trainer:
                                   "every node shares")
         payload = load_checkpoint(latest, self.device) if latest else None
         if payload is not None:
-            _check_resume(latest, payload, train)
+            _check_resume(latest, payload, train, self.data)
             model_config = RealNVPConfig.from_dict(payload["config"])
         elif train.conditional:
             model_config = self._conditional_config(model_config, self.train_set)
@@ -628,7 +684,8 @@ class Trainer:
         except (KeyError, TypeError, ValueError):
             return False
         return saved is not None and saved[0] == model_config \
-            and not _fixed_changes(saved[1], self.train_config)
+            and not _fixed_changes(saved[1], self.train_config) \
+            and not _data_changes(payload, self.data)
 
     def _check_best_is_this_runs(self, model_config: RealNVPConfig) -> None:
         """A fresh start refuses a run directory whose best.pt another run wrote: it would be
@@ -800,7 +857,7 @@ class Trainer:
 
     def _save(self, path: Path) -> None:
         save_checkpoint(path, self.model, self.optimizer, self.state, self.train_config,
-                        self.generators, self.dist.world_size)
+                        self.generators, self.dist.world_size, self.data)
 
     @contextlib.contextmanager
     def _saved_if_stopped(self, skipped: torch.Tensor, bar: tqdm, what: str) -> Iterator[None]:

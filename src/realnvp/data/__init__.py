@@ -36,8 +36,8 @@ name            files in ``data_dir``                                         sp
 ``imagenet32``  van den Oord downsampled ImageNet: PNG folders                train: train
 ``imagenet64``  ``train_32x32/`` and ``valid_32x32/`` (``_64x64``); every     folder; valid =
                 image exactly 32x32 (64x64) RGB                               test: valid folder
-``folder``      any folder of images of one size (recursive); all mode "L"    slice (10%);
-                gives 1 channel, anything else is converted to RGB            test = valid
+``folder``      any folder of images of one size (recursive); all gray (modes slice (10%);
+                "1", "L", "LA") gives 1 channel, anything else RGB            test = valid
 ``npz``         one ``.npz`` (``data_dir`` is the file or a folder holding    ``x_valid`` if
                 exactly one) with uint8 ``x_train``, ``x_test``, optional     present, else a
                 ``x_valid`` and ``y_*``; NHWC, NCHW or (N, H, W)              slice of

@@ -291,13 +291,17 @@ def _find_optional(data_dir: Path, filename: str) -> Path | None:
     return None
 
 
-def _celeba_images(data_dir: Path) -> tuple[Path, bool, dict[str, str]]:
-    """(folder or zip, is_zip, {file name: path within it}) of the CelebA JPEGs."""
+def _celeba_images(data_dir: Path, needed: set[str]) -> tuple[Path, bool, dict[str, str]]:
+    """(folder or zip, is_zip, {file name: path within it}) of the CelebA JPEGs: the folder
+    ``img_align_celeba``, else the first zip (``img_align_celeba.zip`` first, then by name)
+    that holds every ``needed`` file, else the first zip of such JPEGs (whose missing files
+    the caller names)."""
     folder = data_dir / "img_align_celeba"
     if folder.is_dir():
         return folder, False, {f: f for f in list_images(folder, (".jpg", ".jpeg", ".png"))
                                if "/" not in f}
     zips = sorted(data_dir.glob("*.zip"), key=lambda p: (p.name != "img_align_celeba.zip", p.name))
+    partial = None
     for path in zips:
         try:
             with zipfile.ZipFile(path) as archive:
@@ -310,8 +314,12 @@ def _celeba_images(data_dir: Path) -> tuple[Path, bool, dict[str, str]]:
             if base.lower().endswith(".jpg") and (
                     head in ("", "img_align_celeba") or head.endswith("/img_align_celeba")):
                 found[base] = member
-        if found:
+        if needed <= found.keys():
             return path, True, found
+        if partial is None and found:
+            partial = path, True, found
+    if partial is not None:
+        return partial
     raise DatasetError(f"{folder}: folder not found, and no zip of img_align_celeba JPEGs in "
                        f"{data_dir} (expected the aligned CelebA images)")
 
@@ -324,14 +332,18 @@ def _read_text_lines(path: Path) -> list[str]:
 
 
 def _read_partition(path: Path) -> list[tuple[str, int]]:
-    """``(file name, 0/1/2)`` pairs of ``list_eval_partition.txt``."""
-    entries = []
+    """``(file name, 0/1/2)`` pairs of ``list_eval_partition.txt``, each file listed once."""
+    entries, line_of = [], {}
     for number, line in enumerate(_read_text_lines(path), 1):
         fields = line.split()
         if not fields:
             continue
         if len(fields) != 2 or fields[1] not in ("0", "1", "2"):
             raise DatasetError(f"{path}: line {number} is {line!r}, expected 'NNNNNN.jpg 0|1|2'")
+        if fields[0] in line_of:  # twice in one split, or in two (a test image trained on)
+            raise DatasetError(f"{path}: {fields[0]} is listed on lines {line_of[fields[0]]} "
+                               f"and {number}")
+        line_of[fields[0]] = number
         entries.append((fields[0], int(fields[1])))
     if not entries:
         raise DatasetError(f"{path}: empty partition file")
@@ -351,7 +363,7 @@ def _read_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
             continue
         if len(fields) != len(names) + 1 or any(v not in ("-1", "1", "0") for v in fields[1:]):
             raise DatasetError(f"{path}: line {number} should be a file name and {len(names)} "
-                               "values -1/1")
+                               "values -1/1 (or 0 for -1)")
         rows[fields[0]] = np.array([v == "1" for v in fields[1:]], dtype=np.float32)
     if len(rows) != count:
         raise DatasetError(f"{path}: header says {count} images, found {len(rows)} (truncated?)")
@@ -365,7 +377,7 @@ def load_celeba(data_dir: Path, split: str) -> ImageDataset:
         raise DatasetError(f"{data_dir / 'list_eval_partition.txt'}: file not found (expected "
                            "CelebA's official train/valid/test partition)")
     entries = _read_partition(partition_path)
-    root, is_zip, available = _celeba_images(data_dir)
+    root, is_zip, available = _celeba_images(data_dir, {f for f, _ in entries})
     missing = [f for f, _ in entries if f not in available]
     if missing:
         raise DatasetError(f"{partition_path}: lists {missing[0]}, which is not in {root}"
@@ -535,8 +547,12 @@ def load_npz(data_dir: Path, split: str, seed: int, valid_size: int | None) -> I
         y_key = "y" + key[1:]
         y = get(y_key) if y_key in keys else None
         # label kind and class count over every y array, so all splits agree on num_classes
-        labels_meta = [_npz_labels(get(k), None, path, k)[1:]
-                       for k in ("y_train", "y_valid", "y_test") if k in keys]
+        labels_meta = {k: _npz_labels(get(k), None, path, k)[1:]
+                       for k in ("y_train", "y_valid", "y_test") if k in keys}
+    kinds = {k: kind for k, (kind, _) in labels_meta.items()}
+    if len(set(kinds.values())) > 1:
+        raise DatasetError(f"{path}: the splits' labels are of different kinds ("
+                           f"{', '.join(f'{k} {v}' for k, v in kinds.items())})")
     images = _npz_images(x, path, key)
     if key == "x_train" and "x_valid" not in keys:
         size = default_slice(len(images), 5000) if valid_size is None else valid_size
@@ -547,6 +563,6 @@ def load_npz(data_dir: Path, split: str, seed: int, valid_size: int | None) -> I
     if y is not None:
         labels, kind, _ = _npz_labels(y, len(images), path, y_key)
         labels = labels[torch.from_numpy(pos)]
-        num_classes = max(count for k, count in labels_meta if k == kind)
+        num_classes = max(count for _, count in labels_meta.values())
     return TensorImageDataset(images[pos], name="npz", split=split, source_indices=pos,
                               labels=labels, label_kind=kind, num_classes=num_classes)

@@ -14,8 +14,7 @@ import argparse
 
 import torch
 
-from realnvp.data import load_dataset
-from realnvp.train import DEMO_DATA
+from realnvp.data import DEMO_DATA, load_dataset
 
 
 def independent_pixel_bits(train: torch.Tensor, test: torch.Tensor, smoothing: float

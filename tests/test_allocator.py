@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from realnvp import allocator, train
+from realnvp.data import DEMO_DATA
 
 TINY_MODEL = train.RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=4)
 
@@ -130,7 +131,7 @@ def train_jemalloc(run_dir, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Two steps of a tiny model on the bundled MNIST files with ``--malloc jemalloc``."""
     return subprocess.run(
         [sys.executable, "-m", "realnvp", "train", "--malloc", "jemalloc", "--preset", "mnist",
-         "--dataset", "mnist-t10k", "--data-dir", str(train.DEMO_DATA), "--run-dir",
+         "--dataset", "mnist-t10k", "--data-dir", str(DEMO_DATA), "--run-dir",
          str(run_dir), "--steps", "2", "--batch-size", "16", "--scales", "2", "--res-blocks",
          "1", "--features", "4", "--eval-every", "100", "--sample-every", "100",
          "--no-progress"], capture_output=True, text=True, env=env, timeout=300)

@@ -98,6 +98,10 @@ def test_mnist_t10k(mnist: dict[str, ImageDataset], shared_data: Path) -> None:
     images, labels = all_items(splits["valid"])
     expected = mnist["test"].get_batch(torch.from_numpy(splits["valid"].source_indices))
     assert torch.equal(images, expected[0]) and torch.equal(labels, expected[1])
+    bundled = load_dataset("mnist-t10k", None, "valid")  # the package's copy of the files
+    assert torch.equal(all_items(bundled)[0], images)
+    with pytest.raises(ValueError, match="'mnist' needs data_dir"):
+        load_dataset("mnist", None, "valid")
 
 
 @pytest.fixture()

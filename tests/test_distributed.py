@@ -19,9 +19,9 @@ import torch
 import realnvp.model
 import realnvp.train
 from realnvp import RealNVPConfig
+from realnvp.data import DEMO_DATA
 from realnvp.distributed import agreed_signal, setup, shutdown
 from realnvp.train import (
-    DEMO_DATA,
     RunState,
     TrainConfig,
     Trainer,

@@ -21,7 +21,7 @@ from PIL import Image
 
 from realnvp import RealNVP, RealNVPConfig
 from realnvp.cli import main as cli_main
-from realnvp.data import load_dataset, toy_dataset
+from realnvp.data import DEMO_DATA, load_dataset, toy_dataset
 from realnvp.experiments import (
     compress,
     density_grid,
@@ -37,7 +37,7 @@ from realnvp.experiments import (
     toy_experiment,
 )
 from realnvp.figures import GAP, LABEL_HEIGHT, ROW_LABEL_WIDTH
-from realnvp.train import DEMO_DATA, TrainConfig, Trainer
+from realnvp.train import TrainConfig, Trainer
 
 COMMANDS = ["sample", "interpolate", "extrapolate", "levels", "swap-labels", "reconstruct", "toy"]
 DATA = ["--dataset", "mnist-t10k", "--data-dir", str(DEMO_DATA)]
@@ -297,6 +297,14 @@ def test_extrapolate_command(model_file, tmp_path):
     assert png_size(out) == ((56 + 2 * PAD) + (280 + 2 * PAD) + GAP, LABEL_HEIGHT + 280 + 2 * PAD)
 
 
+def test_extrapolate_a_class_conditional_model_without_a_label(cond_run, tmp_path):
+    """As sample does: the classes in turn, one per sample (the figure's first row 0, 1, 2)."""
+    out = tmp_path / "classes.png"
+    cli_main(["extrapolate", "--checkpoint", str(cond_run), "-n", "3", "--factors", "1",
+              "--nrow", "3", "--out", str(out)])
+    assert png_size(out) == (3 * 28 + 4 * PAD, LABEL_HEIGHT + 28 + 2 * PAD)
+
+
 @pytest.mark.parametrize("compression", [False, True])
 def test_levels_command(model_file, tmp_path, compression):
     out = tmp_path / "levels.png"
@@ -384,6 +392,9 @@ def test_label_and_input_errors_of_the_experiments(model, model_file, cond_model
             cli_main([*argv, "--out", str(tmp_path / "x.png")])
         err = capsys.readouterr().err
         assert "needs an image model" in err or "outside the test split" in err, err
+    with pytest.raises(SystemExit):  # toy on an image model says what toy needs
+        cli_main(["toy", "--checkpoint", str(model_file), "--out", str(tmp_path / "x.png")])
+    assert "it needs a model of 2-D vectors" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["levels", "--checkpoint", str(model_file), *DATA, "-n", "0",
                   "--out", str(tmp_path / "x.png")])

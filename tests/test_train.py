@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,12 +24,11 @@ from PIL import Image
 from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize, distributed
 from realnvp.cli import _train_configs, build_parser
 from realnvp.cli import main as cli_main
-from realnvp.data import DatasetError, load_dataset
+from realnvp.data import DEMO_DATA, DatasetError, load_dataset
 from realnvp.evaluate import evaluate
-from realnvp.figures import make_grid
+from realnvp.figures import LABEL_HEIGHT, make_grid
 from realnvp.model import inference_precision
 from realnvp.train import (
-    DEMO_DATA,
     Objective,
     TrainConfig,
     Trainer,
@@ -171,13 +171,32 @@ def test_corrupt_checkpoint_gives_clear_error_and_previous_one_loads(tmp_path):
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # truncated
     with pytest.raises(CheckpointError, match="ckpt-0000004.pt.*truncated or corrupt"):
         load_checkpoint(latest)
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        make_trainer(tmp_path, steps=6)  # resuming reports the bad file too
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*Move it out of .* to "
+                                              "resume from the checkpoint before it, "
+                                              "ckpt-0000002.pt"):
+        make_trainer(tmp_path, steps=6)  # resuming reports the bad file and the way out
     model = RealNVP.load(previous)
     assert load_checkpoint(previous)["run_state"]["step"] == 2
     assert model.num_parameters() > 0
     latest.write_bytes(b"\x00" * 100)  # garbage
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        RealNVP.load(latest)
+    payload = load_checkpoint(previous)
+    payload["config"]["features"] = 16  # a config that does not describe the weights
+    torch.save(payload, latest)
+    with pytest.raises(CheckpointError, match="ckpt-0000004.pt: its saved state does not fit "
+                                              "the RealNVP its config describes.*size mismatch"):
+        RealNVP.load(latest)
+    with pytest.raises(CheckpointError, match="does not fit the RealNVP"):
+        make_trainer(tmp_path, steps=6)
+    payload["config"]["features"] = "8"
+    torch.save(payload, latest)
+    with pytest.raises(CheckpointError, match="model config is not valid.*features must be an "
+                                              "integer"):
+        RealNVP.load(latest)
+    del payload["config"]
+    torch.save(payload, latest)
+    with pytest.raises(CheckpointError, match="no 'config' entry"):
         RealNVP.load(latest)
 
 
@@ -418,6 +437,27 @@ def test_partial_config_file_overrides_only_what_it_sets(tmp_path):
         _train_configs(args)
 
 
+@pytest.mark.parametrize("section,line,message", [
+    ("train", 'lr = "0.1"', "lr must be a number, got '0.1' \\(str\\)"),
+    ("train", "random_flip = 1", "random_flip must be true or false or None, got 1"),
+    ("train", "lr = inf", "need finite lr > 0"),
+    ("model", "scales = 2.0", "scales must be an integer, got 2.0 \\(float\\)"),
+    ("model", "input_shape = [1, 28.0, 28]", "input_shape must be a list of integers"),
+])
+def test_config_file_values_of_the_wrong_type_are_named(tmp_path, capsys, section, line,
+                                                         message):
+    """A value TOML reads with another type (a string, a float for an integer) is refused with
+    its key before any data is read, not left to a TypeError deep inside the run."""
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[{section}]\n{line}\n")
+    with pytest.raises(SystemExit) as refused:
+        cli_main(["train", "--preset", "mnist", "--config", str(config), "--run-dir",
+                  str(tmp_path / "run")])
+    assert refused.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_without_config_file_uses_the_checkpoints_record(tmp_path):
     run = tmp_path / "run"
     make_trainer(run, steps=2, seed=3, valid_size=200).run()
@@ -456,6 +496,26 @@ def test_sample_to_a_folder_is_a_clear_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}*.tmp"))  # no temporary file left
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys,
+                                                                          monkeypatch):
+    run = tmp_path / "run"
+    make_trainer(run, steps=2).run()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    monkeypatch.setattr("realnvp.cli.evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    for command, message in [
+            (["eval", "--checkpoint", str(run), "--json", str(tmp_path)], "is a folder"),
+            (["eval", "--checkpoint", str(run), "--json", str(a_file / "r.json")],
+             "a_file is a file, not a folder"),
+            (["sample", "--checkpoint", str(run), "--out", str(a_file / "s.png")],
+             "a_file is a file, not a folder")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(command)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, command
+    with pytest.raises(ValueError, match="a_file is a file; give a folder"):
+        make_trainer(a_file)
 
 
 def test_a_bad_image_mid_run_stops_with_a_checkpoint_of_the_step_reached(tmp_path, monkeypatch):
@@ -510,13 +570,25 @@ def test_a_validation_that_stops_the_run_keeps_its_steps(tmp_path, monkeypatch, 
         expected = (DatasetError, "07.png")
     else:
         monkeypatch.setattr("realnvp.train.evaluate", failing)
-        expected = (FloatingPointError, "validation at step 3: log_prob.*not saved: the last "
-                                        "checkpoint is .*ckpt-0000002.pt")
+        expected = (FloatingPointError, "validation at step 3: log_prob.*not saved. The last "
+                                        "good checkpoint is .*ckpt-0000002.pt")
     with pytest.raises(expected[0], match=expected[1]):
         trainer.run()
     step = 3 if failure == "bad validation image" else 2
     assert [p.name for p in step_checkpoints(tmp_path)] == [f"ckpt-{step:07d}.pt"]
-    assert make_trainer(tmp_path, steps=6).state.step == step
+    resumed = make_trainer(tmp_path, steps=6, checkpoint_every=2, eval_every=3,
+                           keep_checkpoints=1)
+    assert resumed.state.step == step
+    if failure == "bad validation image":  # the image replaced: step 3's validation is redone
+        assert resumed.state.pending == ["evaluate"]
+        assert not (tmp_path / "checkpoints" / "best.pt").exists()
+        resumed.run()
+        valid = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
+                 .splitlines() if "valid_bpd" in line]
+        assert [r["step"] for r in valid] == [3, 6]
+        best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")["run_state"]
+        assert best["step"] in (3, 6) and best["pending"] == []
+        assert load_checkpoint(latest_checkpoint(tmp_path))["run_state"]["pending"] == []
 
 
 def test_conditional_sample_grids_cycle_the_labels_of_a_small_validation_set(tmp_path):
@@ -679,6 +751,15 @@ def test_four_channel_images_train_and_their_sample_grids_are_rgba(tmp_path):
                         progress=False)).run()
     with Image.open(run / "samples" / "step-0000002.png") as grid:
         assert grid.mode == "RGBA" and np.asarray(grid).shape[-1] == 4
+    # a titled figure of RGBA samples: the titles are dark and opaque, not transparent
+    out = tmp_path / "temperatures.png"
+    cli_main(["sample", "--checkpoint", str(run), "-n", "2", "--temperature", "0", "1",
+              "--out", str(out)])
+    with Image.open(out) as figure:
+        pixels = np.asarray(figure)
+    assert figure.mode == "RGBA" and pixels.shape[-1] == 4
+    title = pixels[:LABEL_HEIGHT]
+    assert (title[..., 3] == 255).all() and title[..., :3].min() < 64
 
 
 def test_resume_on_another_kind_of_device_reseeds_its_streams(tmp_path, capsys):

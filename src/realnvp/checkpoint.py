@@ -84,3 +84,30 @@ def safe_load(path: str | Path, kind: str | tuple[str, ...],
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(f"{path}: not a {kind} file (format: {found!r})")
     return payload
+
+
+def check_can_create(path: str | Path, folder: bool = False) -> Path:
+    """Refuse, before any work, a path that could not be written at the end: a folder where a
+    file is to go (or a file where a folder is to go), or a parent that is a file."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{path} is a {'file' if folder else 'folder'}; give a "
+                         f"{'folder' if folder else 'file name'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def load_state(target: Any, state: Any, path: str | Path) -> None:
+    """``target.load_state_dict(state)`` (a module or an optimiser), as a CheckpointError naming
+    the file if the saved tensors do not fit: a file edited by hand, or one whose config does
+    not describe its weights."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as error:
+        detail = " ".join(str(error).split())[:400]
+        raise CheckpointError(f"{path}: its saved state does not fit the {type(target).__name__} "
+                              f"its config describes: {detail}") from error

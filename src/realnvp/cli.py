@@ -24,14 +24,13 @@ import torch
 
 from . import distributed
 from .allocator import keep_freed_memory, loaded_allocator, restart_with_jemalloc
-from .checkpoint import atomic_write_text
-from .data import DATASETS, TOY_DATASETS, load_dataset
+from .checkpoint import atomic_write_text, check_can_create
+from .data import DATASETS, DEMO_DATA, TOY_DATASETS, load_dataset
 from .distributed import pick_device
 from .evaluate import evaluate
 from .figures import make_grid, png_path, save_image_grid, save_png, side_by_side, upscale
 from .model import PRECISIONS, PRESETS, RealNVP, RealNVPConfig, inference_precision, preset_config
 from .train import (
-    DEMO_DATA,
     TrainConfig,
     Trainer,
     latest_checkpoint,
@@ -44,7 +43,7 @@ from .train import (
 # The demo: real MNIST (the bundled test-set files: 9,000 to train, 1,000 held out), a model
 # small enough to learn in about six minutes on two CPU cores. See README.md for its result.
 DEMO_MODEL = dict(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=16)
-DEMO_TRAIN = dict(dataset="mnist-t10k", data_dir=str(DEMO_DATA), steps=3000, batch_size=32,
+DEMO_TRAIN = dict(dataset="mnist-t10k", steps=3000, batch_size=32,
                   lr=2e-3, warmup_steps=100, lr_decay="cosine", eval_every=1000,
                   sample_every=1000, checkpoint_every=500, log_every=50)
 
@@ -110,6 +109,14 @@ def png_argument(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def output_file(text: str) -> Path:
+    """An argparse type: a file to write at the end (not a folder, under no file)."""
+    try:
+        return check_can_create(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 positive_int = _int_at_least(1, "a positive integer")
 nonnegative_int = _int_at_least(0, "an integer >= 0")
 
@@ -153,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed that chose the validation slice (default: the run's --seed)")
     p.add_argument("--device", default="auto")
     add_precision_option(p)
-    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="also write the result as JSON")
 
     p = sub.add_parser("sample", help="write a grid of samples as a PNG",
                        description="Draw n samples x = f^-1(z), z ~ N(0, T^2 I) and write them "
@@ -302,24 +310,37 @@ def cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_text(args.json, json.dumps(record, indent=2, allow_nan=False) + "\n")
 
 
+def require_classes(model: RealNVP) -> None:
+    """``--label K`` is for class-conditional models only."""
+    if model.config.num_classes is None or model.config.label_kind != "class":
+        raise ValueError("--label K needs a class-conditional model"
+                         + ("; this one is conditional on attribute vectors"
+                            if model.config.num_classes else ""))
+
+
+def sampling_labels(model: RealNVP, n: int, label: int | None) -> torch.Tensor | None:
+    """The classes of ``n`` samples: ``--label K`` for all of them, else the model's classes in
+    turn (0, 1, …, K−1, 0, …); None for an unconditional model."""
+    device = model._device()
+    k, kind = model.config.num_classes, model.config.label_kind
+    if label is not None:
+        require_classes(model)
+        return torch.full((n,), label, dtype=torch.long, device=device)
+    if k is not None:
+        if kind != "class":
+            raise ValueError("an attribute-conditional model needs attribute vectors: use "
+                             "realnvp swap-labels or the Python API (model.sample(cond=...))")
+        return torch.arange(n, device=device) % k
+    return None
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from .experiments import _generator, sample_temperatures
 
     model = load_model(args.checkpoint, args.device, args.precision)
     if not model.config.is_image:
         raise ValueError("sample writes images; for a 2-D vector model use realnvp toy")
-    device = model._device()
-    cond = None
-    k, kind = model.config.num_classes, model.config.label_kind
-    if args.label is not None:
-        if k is None or kind != "class":
-            raise ValueError("--label needs a class-conditional model")
-        cond = torch.full((args.n,), args.label, dtype=torch.long, device=device)
-    elif k is not None:
-        if kind != "class":
-            raise ValueError("an attribute-conditional model needs attribute vectors: use "
-                             "realnvp swap-labels or the Python API (model.sample(cond=...))")
-        cond = torch.arange(args.n, device=device) % k
+    cond = sampling_labels(model, args.n, args.label)
     g = _generator(model, args.seed)
     temperatures = args.temperature
     images = upscale(sample_temperatures(model, args.n, temperatures, cond, g).cpu(), args.zoom)

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .cli import load_model, png_argument, positive_int
+from .cli import load_model, png_argument, positive_int, require_classes, sampling_labels
 from .data import DATASETS
 from .figures import (
     labelled_grid,
@@ -481,10 +481,7 @@ def _add_image_source(p: argparse.ArgumentParser, count: str) -> None:
 
 def _class_label(model: RealNVP, label: int) -> Tensor:
     """``--label K`` as a 0-d class tensor, for class-conditional models only."""
-    if model.config.num_classes is None or model.config.label_kind != "class":
-        raise ValueError("--label K needs a class-conditional model"
-                         + ("; this one is conditional on attribute vectors"
-                            if model.config.num_classes else ""))
+    require_classes(model)
     return torch.tensor(label)
 
 
@@ -512,7 +509,7 @@ def cmd_interpolate(args: argparse.Namespace) -> None:
 
 def cmd_extrapolate(args: argparse.Namespace) -> None:
     model = _load(args)
-    cond = None if args.label is None else _class_label(model, args.label)
+    cond = sampling_labels(model, args.n, args.label)  # the classes in turn, without --label
     samples = extrapolate(model, args.n, args.factors, args.temperature, cond,
                           _generator(model, args.seed))
     nrow = args.nrow or max(1, math.ceil(math.sqrt(args.n)))
@@ -586,6 +583,9 @@ def cmd_toy(args: argparse.Namespace) -> None:
     if name is None:
         run = run_configs(Path(args.checkpoint))
         name = run[1].dataset if run is not None else None
+    if model.config.input_shape != (2,):
+        raise ValueError(f"toy draws 2-D densities: it needs a model of 2-D vectors (realnvp "
+                         f"train --dataset moons, …), not of shape {model.config.input_shape}")
     if name not in TOY_DATASETS:
         raise ValueError(f"give --dataset, one of {', '.join(TOY_DATASETS)} (the run's dataset "
                          f"is {name!r})")

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_can_create
 from .data.base import DatasetError, upright
 from .data.formats import check_eight_bit
 
@@ -68,7 +68,7 @@ def png_path(text: str | Path) -> Path:
         raise ValueError(f"{path} is a folder; give a file name ending in .png")
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: figures are written as PNG; give a name ending in .png")
-    return path
+    return check_can_create(path)
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
@@ -132,7 +132,13 @@ def text_image(text: str, width: int, height: int) -> Tensor:
 
 
 def _as_channels(image: Tensor, channels: int) -> Tensor:
-    return image if image.shape[0] == channels else image.expand(channels, -1, -1)
+    """A 1-channel image (text, a gray panel) as ``channels`` channels; RGBA gets the gray in
+    R, G and B and an opaque alpha (gray in alpha too would make dark text transparent)."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 4:
+        return torch.cat([image.expand(3, -1, -1), torch.ones_like(image[:1])])
+    return image.expand(channels, -1, -1)
 
 
 def labelled_grid(cells: Tensor, row_labels: Sequence[str] | None = None,

@@ -21,6 +21,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import numbers
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .bijection import Bijection, Sequential
-from .checkpoint import CheckpointError, atomic_save, safe_load
+from .checkpoint import CheckpointError, atomic_save, load_state, safe_load
 from .coupling import AffineCoupling
 from .memory import MEMORY_MODES, MemoryMode, flow_forward
 from .multiscale import Squeeze, factor_out, latent_shapes
@@ -100,6 +103,7 @@ class RealNVPConfig:
     logit_form: Literal["paper", "official"] = "paper"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         self.input_shape = tuple(int(s) for s in self.input_shape)
         if len(self.input_shape) not in (1, 3) or min(self.input_shape) < 1:
             raise ValueError(f"input_shape must be (C, H, W) or (D,), got {self.input_shape}")
@@ -135,6 +139,62 @@ class RealNVPConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RealNVPConfig:
         return dataclass_from_dict(cls, d)
+
+
+def _entry(payload: dict, key: str, path: str | Path) -> Any:
+    if key not in payload:
+        raise CheckpointError(f"{path}: incomplete file, no {key!r} entry")
+    return payload[key]
+
+
+def config_from_payload(payload: dict, path: str | Path) -> RealNVPConfig:
+    """The model config a model file or checkpoint recorded, as a CheckpointError naming the
+    file if it is missing or invalid."""
+    try:
+        return RealNVPConfig.from_dict(_entry(payload, "config", path))
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"{path}: its model config is not valid ({error})") from error
+
+
+def check_field_types(config: Any) -> None:
+    """Raise a ValueError naming the first field of a config dataclass whose value is not of
+    its annotated type: a TOML file or a caller can give "0.1" or 2.0 where a number or an
+    integer belongs, which would otherwise fail later with a bare TypeError, or not at all.
+    Integers pass for floats and lists for tuples; booleans do not pass for numbers. Literal
+    fields are left to the config's own checks (they name the choices)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints[f.name]
+        if not _is_of_type(value, hint):
+            raise ValueError(f"{f.name} must be {_type_words(hint)}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def _is_of_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_of_type(value, a) for a in args)
+    if origin is Literal:
+        return True
+    if origin is tuple:  # tuple[int, ...]
+        return isinstance(value, (tuple, list)) and all(_is_of_type(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        kind = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, kind) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_words(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_words(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_words(args[0]).split(' ', 1)[1]}s"  # "an integer" → integers
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             type(None): "None"}
+    return words.get(hint, str(hint))
 
 
 def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -579,20 +639,20 @@ class RealNVP(nn.Module):
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RealNVP:
         """Rebuild a model from a file written by :meth:`save` (or a training checkpoint)."""
         payload = safe_load(path, MODEL_FILE_FORMATS, map_location)
-        model = cls(RealNVPConfig.from_dict(payload["config"]))
-        model.load_state_dict(payload["state_dict"])
+        model = cls(config_from_payload(payload, path))
+        load_state(model, _entry(payload, "state_dict", path), path)
         return model
 
     def load_weights(self, path: str | Path) -> None:
         """Load weights into this model; the file must come from a model of the same config."""
         payload = safe_load(path, MODEL_FILE_FORMATS, self._device())
-        mine, theirs = self.config.to_dict(), payload["config"]
+        mine, theirs = self.config.to_dict(), config_from_payload(payload, path).to_dict()
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             detail = ", ".join(f"{k}: file {theirs.get(k)!r} vs model {mine.get(k)!r}"
                                for k in differ)
             raise CheckpointError(f"{path}: saved from another config ({detail})")
-        self.load_state_dict(payload["state_dict"])
+        load_state(self, _entry(payload, "state_dict", path), path)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

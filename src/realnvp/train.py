@@ -42,6 +42,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -60,7 +61,14 @@ from tqdm import tqdm
 
 from . import distributed
 from .allocator import MALLOC_POLICIES, set_malloc_policy
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, safe_load
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    check_can_create,
+    load_state,
+    safe_load,
+)
 from .data import DatasetError, ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
 from .evaluate import evaluate
@@ -72,6 +80,8 @@ from .model import (
     PRECISIONS,
     RealNVP,
     RealNVPConfig,
+    check_field_types,
+    config_from_payload,
     dataclass_from_dict,
 )
 from .preprocessing import bits_per_dim, dequantize
@@ -82,7 +92,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CHECKPOINT_FORMAT = "realnvp-checkpoint"
-DEMO_DATA = Path(__file__).parent / "demo_data"
 
 
 @dataclass
@@ -90,7 +99,7 @@ class TrainConfig:
     """Everything about a run except the architecture (that is :class:`RealNVPConfig`)."""
 
     dataset: str = "mnist-t10k"
-    data_dir: str = str(DEMO_DATA)
+    data_dir: str | None = None     # None: the bundled t10k files for mnist-t10k
     run_dir: str = "runs/default"
     steps: int = 1000
     batch_size: int = 64            # per process: the global batch is batch_size × processes
@@ -134,6 +143,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # checked here, before any data is read or any step is taken
+        for name in ("data_dir", "run_dir"):  # a pathlib.Path is fine: kept as text, for TOML
+            if isinstance(getattr(self, name), os.PathLike):
+                setattr(self, name, os.fspath(getattr(self, name)))
+        check_field_types(self)
         at_least = {"steps": 1, "batch_size": 1, "eval_every": 1, "sample_every": 1,
                     "sample_count": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
                     "log_every": 1, "warmup_steps": 0, "max_nonfinite": 0,
@@ -148,9 +161,10 @@ class TrainConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
                 or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not (self.lr > 0 and self.grad_clip > 0 and self.l2 >= 0
-                and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError("need lr > 0, grad_clip > 0, l2 >= 0 and betas in [0, 1); got "
+        if not (0 < self.lr < math.inf and 0 < self.grad_clip <= math.inf
+                and 0 <= self.l2 < math.inf and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("need finite lr > 0, grad_clip > 0, finite l2 >= 0 and betas in "
+                             "[0, 1); got "
                              f"lr={self.lr}, grad_clip={self.grad_clip}, l2={self.l2}, "
                              f"beta1={self.beta1}, beta2={self.beta2}")
         choices = {"lr_decay": ("none", "cosine"), "precision": tuple(PRECISIONS),
@@ -181,6 +195,9 @@ class RunState:
     nonfinite_steps: int = 0
     epoch: int = 0          # the data position: images [0, epoch_offset) of the epoch's
     epoch_offset: int = 0   # permutation are used (independent of the number of processes)
+    # what the step still had to do ("evaluate", "sample", "checkpoint") when a bad image
+    # stopped the run after its checkpoint: the resumed run does it first
+    pending: list[str] = dataclasses.field(default_factory=list)
 
     @classmethod
     def from_checkpoint(cls, payload: dict, n: int) -> RunState:
@@ -341,12 +358,6 @@ def _data_changes(payload: dict, data: dict[str, Any]) -> list[str]:
 def _check_resume(path: Path, payload: dict, train: TrainConfig, data: dict[str, Any]) -> None:
     """Refuse a resume that would silently train another run: a changed split, seed,
     conditioning or data, or fewer steps than the checkpoint has already taken."""
-    changed_data = _data_changes(payload, data)
-    if changed_data:
-        raise ValueError(f"resuming from {path}: the dataset {train.dataset!r} in "
-                         f"{train.data_dir} has changed since the checkpoint ("
-                         f"{', '.join(changed_data)}). Its epoch order and validation split "
-                         "depend on its images: restore them, or start a new run_dir")
     saved = checkpoint_configs(payload)
     if saved is not None:
         changed = _fixed_changes(saved[1], train)
@@ -355,6 +366,13 @@ def _check_resume(path: Path, payload: dict, train: TrainConfig, data: dict[str,
                              "dataset, seed, valid_size and conditioning (they fix its "
                              "validation split, random streams and model); start a new "
                              "run_dir to change them")
+    changed_data = _data_changes(payload, data)  # the same split options, other files
+    if changed_data:
+        where = f" in {train.data_dir}" if train.data_dir else ""
+        raise ValueError(f"resuming from {path}: the dataset {train.dataset!r}{where} has "
+                         f"changed since the checkpoint ({', '.join(changed_data)}). Its epoch "
+                         "order and validation split depend on its images: restore them, or "
+                         "start a new run_dir")
     step = int(payload["run_state"]["step"])
     if train.steps < step:
         raise ValueError(f"resuming from {path}: the run is at step {step} already, past "
@@ -558,7 +576,7 @@ class Trainer:
     def __init__(self, model_config: RealNVPConfig, train: TrainConfig,
                  resume: bool = True) -> None:
         self.train_config = train
-        self.run_dir = Path(train.run_dir)
+        self.run_dir = check_can_create(train.run_dir, folder=True)
         if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise ValueError("tensorboard logging needs the tensorboard package (pip install "
                              "tensorboard), or train without it")
@@ -585,10 +603,10 @@ class Trainer:
             raise CheckpointError(f"rank {self.dist.rank} cannot see {latest}, from which rank 0 "
                                   "resumes: the run directory must be on a filesystem that "
                                   "every node shares")
-        payload = load_checkpoint(latest, self.device) if latest else None
+        payload = self._load_latest(latest)
         if payload is not None:
             _check_resume(latest, payload, train, self.data)
-            model_config = RealNVPConfig.from_dict(payload["config"])
+            model_config = config_from_payload(payload, latest)
         elif train.conditional:
             model_config = self._conditional_config(model_config, self.train_set)
         elif model_config.num_classes is not None:
@@ -617,8 +635,8 @@ class Trainer:
         self.state = RunState()
         self.resumed_world_size: int | None = None
         if payload is not None:
-            self.model.load_state_dict(payload["state_dict"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            load_state(self.model, payload["state_dict"], latest)
+            load_state(self.optimizer, payload["optimizer"], latest)
             self.state = RunState.from_checkpoint(payload, len(self.train_set))
             self.state.best_valid_bpd = min(self.state.best_valid_bpd, self._saved_best())
             for name, g in self.generators.items():
@@ -655,6 +673,19 @@ class Trainer:
             # a resumed run redoes the steps after its checkpoint: drop their old events
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
                                         purge_step=self.state.step + 1 if self.state.step else None)
+
+    def _load_latest(self, latest: Path | None) -> dict | None:
+        """The checkpoint to resume from, or None; a damaged one names the one before it."""
+        if latest is None:
+            return None
+        try:
+            return load_checkpoint(latest, self.device)
+        except CheckpointError as error:
+            earlier = step_checkpoints(self.run_dir)[:-1]
+            if not earlier:
+                raise
+            raise CheckpointError(f"{error}. Move it out of {latest.parent} to resume from the "
+                                  f"checkpoint before it, {earlier[-1].name}") from error
 
     def _saved_best(self) -> float:
         """The validation bits/dim of RUN/checkpoints/best.pt (inf if none, or if it is not this
@@ -802,9 +833,8 @@ class Trainer:
         if check_limit and state.nonfinite_steps > limit:
             raise FloatingPointError(
                 f"{state.nonfinite_steps} training steps had a non-finite loss or "
-                f"gradient (limit {limit}); stopping. The last good "
-                f"checkpoint is {latest_checkpoint(self.run_dir)}. Try a lower "
-                "learning rate or a warm-up (--warmup-steps)."
+                f"gradient (limit {limit}); stopping. {self._last_checkpoint_words()}. Try a "
+                "lower learning rate or a warm-up (--warmup-steps)."
             )
 
     def _agree_on_running_stats(self) -> None:
@@ -860,18 +890,21 @@ class Trainer:
                         self.generators, self.dist.world_size, self.data)
 
     @contextlib.contextmanager
-    def _saved_if_stopped(self, skipped: torch.Tensor, bar: tqdm, what: str) -> Iterator[None]:
+    def _saved_if_stopped(self, skipped: torch.Tensor, bar: tqdm, what: str,
+                          pending: list[str] | None = None) -> Iterator[None]:
         """Checkpoint the step reached if an image that cannot be decoded stops the run (it
         shows up when its batch is first read, in training or validation): the model is fine,
-        so no step is lost. A non-finite validation score stops the run without one (the model
-        that gave it must not replace a good checkpoint), naming the last good checkpoint. On
-        one process; with several, the others wait in the next collective until torchrun
-        stops them."""
+        so no step is lost, and the checkpoint records what the step had left to do
+        (``pending``: its validation, grid or checkpoint) for the resumed run. A non-finite
+        validation score stops the run without one (the model that gave it must not replace a
+        good checkpoint), naming the last good checkpoint. On one process; with several, the
+        others wait in the next collective until torchrun stops them."""
         try:
             yield
         except DatasetError:
             if not self.dist.enabled and self.state.step > 0:
                 self._count_skipped(skipped, check_limit=False)  # the run stops anyway
+                self.state.pending = list(pending or [])  # what the step had left to do
                 try:
                     path = self.checkpoint()
                 except FloatingPointError as not_saved:  # a diverged model is not saved
@@ -882,8 +915,13 @@ class Trainer:
             raise
         except FloatingPointError as error:
             raise FloatingPointError(
-                f"{what} at step {self.state.step}: {error}; not saved: the last checkpoint is "
-                f"{latest_checkpoint(self.run_dir)}") from error
+                f"{what} at step {self.state.step}: {error}; not saved. "
+                f"{self._last_checkpoint_words()}") from error
+
+    def _last_checkpoint_words(self) -> str:
+        latest = latest_checkpoint(self.run_dir)
+        return "No checkpoint was written yet" if latest is None else \
+            f"The last good checkpoint is {latest}"
 
     def checkpoint(self) -> Path:
         t, step = self.train_config, self.state.step
@@ -901,6 +939,8 @@ class Trainer:
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         try:
             with _stop_requests(second_stops_at_once=not self.dist.enabled) as stop:
+                if state.pending:  # what a bad image kept the checkpointed step from doing
+                    self._finish_step(list(state.pending), skipped, bar)
                 self._loop(bar, skipped, stop)
         finally:  # also when a signal or bad data stops the run: flush what was logged
             bar.close()
@@ -910,7 +950,7 @@ class Trainer:
         return state
 
     def _loop(self, bar: tqdm, skipped: Tensor, stop: StopRequest) -> None:
-        t, model, state, main = self.train_config, self.model, self.state, self.dist.is_main
+        t, model, state = self.train_config, self.model, self.state
         images_seen, clock = 0, time.perf_counter()
         while state.step < t.steps:
             with self._saved_if_stopped(skipped, bar, "training data"):
@@ -934,10 +974,28 @@ class Trainer:
                 bar.set_postfix(bpd=f"{train_bpd:.3f}", img_s=f"{rate:.1f}")
                 self.log({"step": state.step, "train_bpd": train_bpd, "img_per_s": rate,
                           "lr": lr})
-            if evaluate_now or sample_now or checkpoint_now:
-                self._agree_on_running_stats()
-            if evaluate_now:  # every process evaluates its shard
-                with self._saved_if_stopped(skipped, bar, "validation"):
+            actions = [name for name, now in (("evaluate", evaluate_now),
+                                              ("sample", sample_now),
+                                              ("checkpoint", checkpoint_now)) if now]
+            self._finish_step(actions, skipped, bar)
+            bar.update(1)
+            # a scheduler's SIGTERM or a Ctrl-C, on any process: all stop after this step
+            signum = None if last else distributed.agreed_signal(self.dist, stop.signum)
+            if signum is not None:
+                self._stop_after_step(signum, skipped, bar, saved=checkpoint_now)
+
+    def _finish_step(self, actions: list[str], skipped: Tensor, bar: tqdm) -> None:
+        """The step's ``actions``, in this order: "evaluate" (validation, and best.pt if it is
+        the best so far), "sample" (the sample grid), "checkpoint". A checkpoint written
+        because a bad image stopped validation or the grid records those not yet done
+        (``state.pending``), and the resumed run does them first (:meth:`run`)."""
+        state, main, model = self.state, self.dist.is_main, self.model
+        state.pending = []
+        if actions:
+            self._agree_on_running_stats()
+        for i, action in enumerate(actions):
+            if action == "evaluate":  # every process evaluates its shard
+                with self._saved_if_stopped(skipped, bar, "validation", actions[i:]):
                     valid_bpd = self.evaluate()
                 self.log({"step": state.step, "valid_bpd": valid_bpd})
                 unit = "bits/dim" if model.config.is_image else "nats"
@@ -947,16 +1005,11 @@ class Trainer:
                     state.best_valid_bpd = valid_bpd
                     if main:
                         self._save(checkpoint_dir(self.run_dir) / "best.pt")
-            if sample_now and main:
-                with self._saved_if_stopped(skipped, bar, "the sample grid"):
+            elif action == "sample" and main:
+                with self._saved_if_stopped(skipped, bar, "the sample grid", actions[i:]):
                     self.write_samples()  # vector models: see `realnvp toy`
-            if checkpoint_now and main:
+            elif action == "checkpoint" and main:
                 self.checkpoint()
-            bar.update(1)
-            # a scheduler's SIGTERM or a Ctrl-C, on any process: all stop after this step
-            signum = None if last else distributed.agreed_signal(self.dist, stop.signum)
-            if signum is not None:
-                self._stop_after_step(signum, skipped, bar, saved=checkpoint_now)
 
     def _stop_after_step(self, signum: int, skipped: Tensor, bar: tqdm, saved: bool) -> None:
         """Checkpoint the step reached unless it was just saved (every process takes part in

@@ -108,6 +108,10 @@ DATASETS: tuple[str, ...] = (
 )
 
 
+#: MNIST's two t10k files, shipped with the package: ``mnist-t10k``'s data_dir unless given
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"
+
+
 def load_dataset(name: str, data_dir: str | Path | None, split: str = "train", *, seed: int = 0,
                  valid_size: int | None = None) -> ImageDataset:
     """Load one split (``"train"``, ``"valid"`` or ``"test"``) of dataset ``name``.
@@ -128,6 +132,8 @@ def load_dataset(name: str, data_dir: str | Path | None, split: str = "train", *
     if valid_size is not None and (isinstance(valid_size, bool) or not isinstance(valid_size, int)
                                    or valid_size < 0):
         raise ValueError(f"valid_size must be a non-negative int or None, got {valid_size!r}")
+    if data_dir is None and name == "mnist-t10k":
+        data_dir = DEMO_DATA
     if data_dir is None:
         raise ValueError(f"dataset {name!r} needs data_dir (--data-dir): the folder of its files")
     data_dir = Path(data_dir).expanduser()

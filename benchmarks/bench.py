@@ -353,6 +353,25 @@ def flop_per_image(model, device) -> float:
     return counter.get_total_flops() / 2
 
 
+def ceiling_for_mode(device: str, quick: bool, mode_name: str) -> float:
+    """:func:`ceiling_now` in the precision of mode ``mode_name``, in a process that runs that
+    mode: with freed memory kept while it is measured where the mode releases it (release
+    would page-fault every tensor of the ceiling's convolutions), then the mode's policy again.
+    glibc's defaults (``malloc-trim``) cannot be restored once changed, so those rows measure
+    it under their own policy (no measurable difference: 229 against 227 and 213 against 213
+    GFLOP/s, docs/bench-cifar10.json)."""
+    from realnvp.allocator import set_malloc_policy
+
+    mode = set(mode_name.split("+"))
+    if malloc_policy(mode) == "release":
+        set_malloc_policy("keep")
+    try:
+        return ceiling_now(device, quick, precision_of(mode_name))
+    finally:
+        if malloc_policy(mode) == "release":
+            set_malloc_policy("release")
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Measure one mode (or the ceiling) in this process; returns the JSON row."""
     # torch.compile would otherwise compile in a pool of subprocesses whose CPU time the load
@@ -365,7 +384,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    from realnvp.allocator import keep_freed_memory, loaded_allocator, set_malloc_policy
+    from realnvp.allocator import keep_freed_memory, loaded_allocator
 
     if args.worker == "ceiling":
         # the rows' allocator setting, so that page faults cannot lower the ceiling either
@@ -377,9 +396,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
                            dtype=torch.uint8, device=device)
     step = make_train_step(model, loss_fn, optimizer)
     model.train()
-    warmup, iters = (1, 1) if args.quick else (2, args.iters)
-    if args.memory_only:  # the smaller batch of the memory extrapolation: two steps suffice
-        timed(lambda: step(images), device, 1, 1)
+    warmup, iters = row_steps(args)
+    if args.memory_only:  # a peak alone, after this many steps (glibc's peak still grows)
+        timed(lambda: step(images), device, args.memory_only - 1, 1)
         return peak_memory(device)
 
     row: dict[str, Any] = {"mode": args.worker, "device": device.type,
@@ -397,12 +416,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         row["compile_s"] = round(first - min(steps), 1)
     row.update(peak_memory(device))
     # The machine's speed drifts by several per cent over a run: the ceiling once more, right
-    # after this row's training steps, in its precision and the faster (channels-last) layout,
-    # with freed memory kept as in the ceiling worker (release would page-fault every tensor).
-    if malloc_policy(mode) == "release":
-        set_malloc_policy("keep")
-    row["ceiling_fwd_bwd_here"] = ceiling_now(args.device, args.quick, precision_of(args.worker))
-    set_malloc_policy(malloc_policy(mode))
+    # after this row's training steps, in its precision and the faster (channels-last) layout.
+    row["ceiling_fwd_bwd_here"] = ceiling_for_mode(args.device, args.quick, args.worker)
 
     model.eval()
     evaluate = make_eval_step(model, "compile" in mode, images)
@@ -423,13 +438,26 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # -- the driver ---------------------------------------------------------------------------------
 
 
+def row_steps(args: argparse.Namespace) -> tuple[int, int]:
+    """(warm-up, timed) training steps of a row, after its first step: the row's peak memory
+    is read after 1 + warm-up − 1 + timed = warm-up + timed steps."""
+    return (1, 1) if args.quick else (2, args.iters)
+
+
+# The measured largest batch reads each peak after this many steps (a row's 7 would take hours
+# at the batches that fit); under glibc the peak still grows a little after them.
+MAX_BATCH_STEPS = 2
+
+
 def run_worker(args: argparse.Namespace, name: str, batch_size: int,
-               memory_only: bool = False) -> dict[str, Any] | None:
+               memory_steps: int = 0) -> dict[str, Any] | None:
+    """Run one worker process: the full row (``memory_steps`` 0) or only the peak memory
+    after ``memory_steps`` training steps."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
            "--preset", args.preset, "--batch-size", str(batch_size), "--device", args.device,
            "--iters", str(args.iters)]
     cmd += ["--quick"] if args.quick else []
-    cmd += ["--memory-only"] if memory_only else []
+    cmd += ["--memory-only", str(memory_steps)] if memory_steps else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     env = dict(os.environ)
     if "jemalloc" in name.split("+"):
@@ -576,7 +604,7 @@ def measure_max_batch(args: argparse.Namespace, row: dict[str, Any], half_batch:
     ``max_batch_8gib_points``."""
     def peak_at(batch: int) -> float:
         print(f"[{row['mode']}] peak memory at batch {batch}", file=sys.stderr)
-        measured = run_worker(args, row["mode"], batch, True)
+        measured = run_worker(args, row["mode"], batch, MAX_BATCH_STEPS)
         return math.inf if measured is None else measured[key]
 
     key = memory_key(row)
@@ -662,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
                              "mode), e.g. from an earlier run, instead of the line through "
                              "the row's two batches")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -726,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         half = None
         if "compile" not in mode and half_batch < args.batch_size:  # batch 1: no second point
-            half = run_worker(args, mode, half_batch, True)
+            half = run_worker(args, mode, half_batch, sum(row_steps(args)))  # as the row
             if half is None:
                 result["failed"].append(f"{mode} (batch {half_batch}, memory only)")
         add_derived(row, ceilings, half, half_batch)

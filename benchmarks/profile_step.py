@@ -133,7 +133,7 @@ def main() -> int:
         bound_s, _ = print_convolution_bound(model, images, args.batch_size, gflop)
         # the ceiling of bench.py, measured now: the machine's speed drifts over an hour
         precision = bench.precision_of(args.mode)
-        ceiling = bench.ceiling_now("cpu", False, precision)
+        ceiling = bench.ceiling_for_mode("cpu", False, args.mode)
         flop = 3 * gflop * args.batch_size
         print(f"\n{precision} forward+backward 3×3-convolution ceiling measured now: {ceiling:.0f} "
               f"GFLOP/s; the step at {100 * flop / step_s / ceiling:.0f} % of it, its "

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 
@@ -107,6 +108,16 @@ def test_release_returns_freed_blocks_between_live_ones():
         assert returned_mib(policy)[1] < 0.25 * 64, policy
 
 
+def test_system_after_another_policy_warns_that_it_cannot_undo_it(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        allocator.set_malloc_policy("system")  # nothing applied before: nothing to say
+    monkeypatch.setattr(allocator, "_applied", "release")
+    with pytest.warns(UserWarning, match="keeps the 'release' settings applied earlier"):
+        allocator.set_malloc_policy("system")
+
+
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="keep, release, system, jemalloc"):
         allocator.set_malloc_policy("free")
@@ -148,6 +159,21 @@ def test_train_command_restarts_itself_with_jemalloc(tmp_path):
     # the Trainer itself refuses "jemalloc" unless the allocator is mapped into the process
     assert "malloc: jemalloc (allocator in use: jemalloc)" in done.stdout
     assert 'malloc = "jemalloc"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_the_restarted_process_does_not_pass_jemalloc_on(tmp_path):
+    """Once jemalloc is loaded, LD_PRELOAD and MALLOC_CONF are as before the restart: the
+    processes it starts (torch.compile's workers, a compiler) get their usual allocator."""
+    code = ("import os; from realnvp import allocator; "  # restarts itself, then prints
+            "allocator.restart_with_jemalloc([], program=['-c', os.environ['CODE']]); "
+            "print(allocator.loaded_allocator(), os.environ.get('LD_PRELOAD'), "
+            "os.environ.get('MALLOC_CONF'), os.environ.get(allocator.RESTARTED_MARKER))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", "MALLOC_CONF", allocator.RESTARTED_MARKER)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "CODE": code}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["jemalloc", "None", "None", "None"]
 
 
 def test_a_failed_jemalloc_preload_is_reported_not_retried(tmp_path):

@@ -659,6 +659,16 @@ def test_16_bit_rgb_images_are_refused_not_cut_to_their_high_byte(tmp_path: Path
     with pytest.raises(DatasetError, match="0.png: the image has 16-bit samples"):
         load_dataset("lsun", tmp_path / "lsun", "train", valid_size=0).get_batch([0])
     assert len(read_images([tmp_path / "f" / "a.png"], 3, (8, 8))) == 1  # 8-bit still read
+    # a PPM with maxval 65535 or 4095: Pillow opens it as RGB and rescales it to 8 bits
+    samples = np.random.default_rng(0).integers(0, 4096, (8, 8, 3)).astype(">u2")
+    for maxval in (65535, 4095):
+        (tmp_path / f"{maxval}.ppm").write_bytes(b"P6 8 8 %d\n" % maxval + samples.tobytes())
+        with pytest.raises(DatasetError, match=f"samples go up to {maxval}"):
+            read_images([tmp_path / f"{maxval}.ppm"], 3, (8, 8))
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    (tmp_path / "255.ppm").write_bytes(b"P6 8 8 255\n" + pixels.tobytes())
+    assert np.array_equal(read_images([tmp_path / "255.ppm"], 3, (8, 8))[0].numpy(),
+                          pixels.transpose(2, 0, 1))
 
 
 def test_exif_orientation_in_xmp_is_read_from_the_header(tmp_path: Path) -> None:

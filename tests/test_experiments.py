@@ -410,3 +410,25 @@ def test_label_and_input_errors_of_the_experiments(model, model_file, cond_model
         cli_main(["reconstruct", "--checkpoint", str(model_file), "--images", str(deep),
                   "--out", str(tmp_path / "x.png")])
     assert "mode I;16 does not hold 8-bit" in capsys.readouterr().err
+
+
+def test_pixels_are_shown_as_the_bin_that_holds_them():
+    """to_pil inverts the dequantisation x̃ = (k + u)/256: v in [k/256, (k+1)/256) shows as k
+    (the ×255-and-round convention shows 200/256 as 199), and 8-bit values k/255 stay k."""
+    from realnvp.figures import to_pil
+
+    v = torch.tensor([0, 128, 200, 255, 255.9, 256]) / 256
+    assert np.asarray(to_pil(v.view(1, 1, -1))).tolist() == [[0, 128, 200, 255, 255, 255]]
+    k = torch.arange(256.0)
+    assert np.array_equal(np.asarray(to_pil((k / 255).view(1, 16, 16))).ravel(), k.numpy())
+
+
+def test_the_toy_figure_draws_points_no_split_was_drawn_from():
+    from realnvp.data import VectorDataset
+    from realnvp.experiments import fresh_toy_points
+
+    splits = [VectorDataset("moons", split, run_seed).points[:200]
+              for run_seed in range(4) for split in ("train", "valid", "test")]
+    for seed in range(4):
+        fresh = fresh_toy_points("moons", 200, seed)
+        assert not any(torch.equal(points, fresh) for points in splits), seed

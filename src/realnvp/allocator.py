@@ -36,8 +36,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 # mallopt(3) parameter numbers, from glibc's <malloc.h>
@@ -143,14 +145,35 @@ def restart_with_jemalloc(argv: list[str], program: list[str] | None = None) -> 
     track of it). Call before any work; returns only if jemalloc is loaded already. Raises
     ValueError if jemalloc is missing or failed to load."""
     if loaded_allocator() == "jemalloc":
+        _restore_environment()
         return
     if os.environ.get(RESTARTED_MARKER):
         raise ValueError(f"restarted with LD_PRELOAD={os.environ.get('LD_PRELOAD')!r}, but "
                          "jemalloc is not loaded (see the loader's warning above)")
-    env = {**jemalloc_environment(), RESTARTED_MARKER: "1"}
+    before = {k: os.environ.get(k) for k in ("LD_PRELOAD", "MALLOC_CONF")}
+    env = {**jemalloc_environment(), RESTARTED_MARKER: json.dumps(before)}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *(program or ["-m", "realnvp"]), *argv], env)
+
+
+_applied: str | None = None  # the glibc policy this process last applied ("keep", "release")
+
+
+def _restore_environment() -> None:
+    """In the restarted process, once jemalloc is loaded: LD_PRELOAD and MALLOC_CONF as they
+    were before the restart, so that the processes this one starts (torch.compile's workers,
+    a compiler) do not inherit jemalloc with its page decay off."""
+    marker = os.environ.pop(RESTARTED_MARKER, None)
+    try:
+        before = json.loads(marker) if marker else {}
+    except json.JSONDecodeError:  # an older marker ("1"): nothing recorded
+        before = {}
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def set_malloc_policy(policy: str) -> bool:
@@ -161,10 +184,15 @@ def set_malloc_policy(policy: str) -> bool:
     if policy not in MALLOC_POLICIES:
         raise ValueError(f"malloc policy must be one of {', '.join(MALLOC_POLICIES)}, "
                          f"got {policy!r}")
-    if policy == "keep":
-        return keep_freed_memory()
-    if policy == "release":
-        return release_freed_memory()
+    global _applied
+    if policy in ("keep", "release"):
+        changed = keep_freed_memory() if policy == "keep" else release_freed_memory()
+        _applied = policy if changed else _applied
+        return changed
+    if policy == "system" and _applied is not None:
+        warnings.warn(f"malloc policy 'system': glibc's defaults cannot be restored in this "
+                      f"process, which keeps the {_applied!r} settings applied earlier",
+                      stacklevel=2)
     if policy == "jemalloc" and loaded_allocator() != "jemalloc":
         raise ValueError("the jemalloc malloc policy needs jemalloc preloaded when the process "
                          f"starts: LD_PRELOAD={find_jemalloc() or 'libjemalloc.so.2'} "

@@ -574,8 +574,16 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
            f"{show} images and their reconstructions")
 
 
+def fresh_toy_points(name: str, n: int, seed: int) -> Tensor:
+    """``n`` points of a toy density that no run's splits hold: the splits of a run with seed
+    s are drawn with seeds 3s, 3s + 1 and 3s + 2, all below 3 · 2³² (seeds are below 2³²)."""
+    from .data import toy_dataset
+
+    return toy_dataset(name, n, seed=2**40 + seed)
+
+
 def cmd_toy(args: argparse.Namespace) -> None:
-    from .data import TOY_DATASETS, toy_dataset
+    from .data import TOY_DATASETS
     from .train import run_configs
 
     model = _load(args)
@@ -589,7 +597,7 @@ def cmd_toy(args: argparse.Namespace) -> None:
     if name not in TOY_DATASETS:
         raise ValueError(f"give --dataset, one of {', '.join(TOY_DATASETS)} (the run's dataset "
                          f"is {name!r})")
-    data = toy_dataset(name, args.n, seed=args.seed + 1)  # fresh points (training used its own)
+    data = fresh_toy_points(name, args.n, args.seed)
     result = toy_experiment(model, data, args.prior_samples, args.temperature, args.grid,
                             generator=_generator(model, args.seed))
     figure = toy_figure(result.data, result.latents, result.prior, result.mapped,

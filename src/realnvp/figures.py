@@ -51,10 +51,14 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2,
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    """(C, H, W) in [0, 1] → an 8-bit PIL image (mode L for 1 channel, RGB for 3, RGBA for 4)."""
+    """(C, H, W) in [0, 1] → an 8-bit PIL image (mode L for 1 channel, RGB for 3, RGBA for 4).
+    A value v is shown as the pixel whose dequantisation bin [k/256, (k + 1)/256) holds it,
+    k = ⌊256 v⌋ (1.0 as 255): the inverse of the model's x̃ = (k + u)/256, and exact on 8-bit
+    values k/255 (text, padding) too."""
     if image.dim() != 3 or image.shape[0] not in (1, 3, 4):
         raise ValueError(f"image must be (1, 3 or 4, H, W), got shape {tuple(image.shape)}")
-    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    scaled = (image.detach().float().cpu().clamp(0, 1) * 256).floor().clamp(max=255)
+    array = scaled.to(torch.uint8).numpy()
     if array.shape[0] == 1:
         return Image.fromarray(array[0])
     return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))  # RGB or RGBA
@@ -315,7 +319,8 @@ def toy_figure(data: Tensor, latents: Tensor, prior: Tensor, mapped: Tensor, den
 def read_images(paths: Sequence[str | Path], channels: int, size: tuple[int, int]) -> Tensor:
     """Image files → uint8 (N, channels, H, W). Each is turned upright as its EXIF orientation
     says, converted to grey (1 channel) or RGB (3 channels) and must then be ``size = (H, W)``;
-    anything else is a ValueError naming the file."""
+    anything else is a ValueError naming the file. An alpha channel is dropped (transparent
+    pixels keep their stored colour), as the ``folder`` dataset drops it."""
     if channels not in (1, 3):
         raise ValueError(f"only 1- and 3-channel models can read image files, not {channels}")
     out = []

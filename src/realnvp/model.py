@@ -603,14 +603,18 @@ class RealNVP(nn.Module):
     ) -> Tensor:
         """n samples x = f⁻¹(z), z ~ N(0, T² I), in eval mode. Images: (n, C, H, W) clamped to
         [0, 1]; ``shape=(H, W)`` samples at another size (the networks are convolutional).
-        Vectors: (n, D)."""
+        Vectors: (n, D). ``generator`` may be on the CPU for a model on a GPU: z is drawn on
+        the generator's device."""
         if n < 1:
             raise ValueError(f"n must be positive, got {n}")
         if not 0 <= temperature < math.inf:  # NaN too
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
         device, dtype = self._device(), self._dtype()
+        # drawn on the generator's device (a CPU generator gives the same z for a GPU model)
+        noise_device = device if generator is None else generator.device
         latents = [
-            temperature * torch.randn((n, *s), generator=generator, device=device, dtype=dtype)
+            temperature * torch.randn((n, *s), generator=generator, device=noise_device,
+                                      dtype=dtype).to(device)
             for s in self.latent_shapes(shape)
         ]
         with eval_mode(self):

@@ -86,6 +86,12 @@ def check_eight_bit(image: Image.Image, name: str) -> None:
             raise DatasetError(f"{name}: the image has 16-bit samples (raw mode {raw}; reading "
                                "it as 8-bit would keep only the high byte); convert it to "
                                "8-bit first")
+        # a PPM/PGM whose maximum value is above 255: Pillow rescales it to 8 bits, silently
+        if tile[0] == "ppm" and isinstance(tile[3], tuple) and len(tile[3]) > 1 \
+                and isinstance(tile[3][1], int) and tile[3][1] > 255:
+            raise DatasetError(f"{name}: the image's samples go up to {tile[3][1]} (more than "
+                               "8 bits; reading it would rescale them); convert it to 8-bit "
+                               "first")
 
 
 def _decode_lsun(image: Image.Image, name: str) -> np.ndarray:

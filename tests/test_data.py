@@ -349,6 +349,20 @@ def test_celeba_takes_the_zip_that_holds_the_partitions_files(
         load_dataset("celeba", root, "train")
 
 
+def test_celeba_without_attributes_cannot_train_conditionally(
+        celeba_small: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    from realnvp import RealNVPConfig
+    from realnvp.train import TrainConfig, Trainer
+
+    root, _ = celeba_small
+    (root / "list_attr_celeba.txt").unlink()
+    with pytest.raises(ValueError, match="no labels \\(CelebA's labels are its attributes: "
+                                         "list_attr_celeba.txt was not found"):
+        Trainer(RealNVPConfig(input_shape=(3, 64, 64), scales=2, res_blocks=1, features=4),
+                TrainConfig(dataset="celeba", data_dir=str(root), conditional=True,
+                            run_dir=str(tmp_path / "run"), batch_size=2, progress=False))
+
+
 def test_celeba_missing_files(celeba_small: tuple[Path, np.ndarray]) -> None:
     root, _ = celeba_small
     partition = root / "list_eval_partition.txt"

@@ -392,6 +392,9 @@ def test_label_and_input_errors_of_the_experiments(model, model_file, cond_model
             cli_main([*argv, "--out", str(tmp_path / "x.png")])
         err = capsys.readouterr().err
         assert "needs an image model" in err or "outside the test split" in err, err
+    with pytest.raises(SystemExit):  # no dequantisation samples for points in the plane
+        cli_main(["eval", "--checkpoint", str(toy_run), "--samples", "4"])
+    assert "dequantisation samples are for image models" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # toy on an image model says what toy needs
         cli_main(["toy", "--checkpoint", str(model_file), "--out", str(tmp_path / "x.png")])
     assert "it needs a model of 2-D vectors" in capsys.readouterr().err

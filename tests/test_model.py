@@ -337,6 +337,11 @@ def test_save_load_roundtrip_and_config_mismatch(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a realnvp-model"):
         RealNVP.load(tmp_path / "foreign.pt")
+    (tmp_path / "config.toml").write_text("[model]\nfeatures = 8\n")
+    with pytest.raises(CheckpointError, match="config.toml: truncated or corrupt, or not a "
+                                              "realnvp-model or realnvp-checkpoint file at all"):
+        RealNVP.load(tmp_path / "config.toml")
+    assert not RealNVP.load(path).training  # ready to evaluate with its running statistics
 
 
 def test_sampling_other_sizes_and_temperature():

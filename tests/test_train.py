@@ -35,6 +35,7 @@ from realnvp.train import (
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
+    read_config_tables,
     resolve_checkpoint,
     run_configs,
     save_checkpoint,
@@ -496,6 +497,27 @@ def test_sample_to_a_folder_is_a_clear_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert not list(tmp_path.parent.glob(f".{tmp_path.name}*.tmp"))  # no temporary file left
+
+
+def test_a_run_folder_loads_from_anywhere_in_eval_mode(tmp_path, monkeypatch):
+    """RealNVP.load and --checkpoint take the run folder (or its checkpoints/ folder); a
+    relative --data-dir is kept absolute, so that eval works from another folder."""
+    import realnvp.data
+
+    data = tmp_path / "data"
+    shutil.copytree(DEMO_DATA, data)
+    monkeypatch.chdir(tmp_path)
+    make_trainer(Path("run"), steps=2, dataset="mnist-t10k", data_dir="data").run()
+    assert read_config_tables(tmp_path / "run" / "config.toml")[1]["data_dir"] == str(data)
+    model = RealNVP.load("run")
+    assert not model.training
+    assert model.config == RealNVP.load("run/checkpoints").config
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(realnvp.data, "DEMO_DATA", Path("/nonexistent"))  # not the fallback
+    cli_main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--max-images",
+              "8", "--precision", "fp32"])
 
 
 def test_output_paths_that_cannot_be_written_are_refused_before_any_work(tmp_path, capsys,

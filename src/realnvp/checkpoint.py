@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -73,7 +74,11 @@ def safe_load(path: str | Path, kind: str | tuple[str, ...],
     kind = " or ".join(kinds)
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+        raise CheckpointError(f"{path}: {'a folder' if path.is_dir() else 'no such file'}, not "
+                              f"a {kind} file")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the end
+        raise CheckpointError(f"{path}: truncated or corrupt, or not a {kind} file at all "
+                              "(it is not the zip archive torch.save writes)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises many types for bad zip/pickle data

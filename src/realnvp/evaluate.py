@@ -66,6 +66,9 @@ def evaluate(
                         ("max_images", 1 if max_images is None else max_images)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if samples > 1 and not model.config.is_image:
+        raise ValueError(f"samples={samples}: dequantisation samples are for image models; a "
+                         "vector model's density is evaluated at the points themselves")
     samples, batch_size = int(samples), int(batch_size)
     max_images = None if max_images is None else int(max_images)
     n = len(dataset) if max_images is None else min(max_images, len(dataset))

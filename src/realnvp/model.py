@@ -641,11 +641,18 @@ class RealNVP(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RealNVP:
-        """Rebuild a model from a file written by :meth:`save` (or a training checkpoint)."""
+        """Rebuild a model from a file written by :meth:`save`, a training checkpoint, or a
+        training run's folder (its ``checkpoints/best.pt``, else its latest checkpoint). The
+        model comes back in eval mode, ready to evaluate with its running batch-norm
+        statistics: call ``.train()`` to train it further (in train mode every forward pass
+        normalises with the batch's own statistics and moves the running ones)."""
+        from .train import resolve_checkpoint  # the run-folder layout is the trainer's
+
+        path = resolve_checkpoint(path)
         payload = safe_load(path, MODEL_FILE_FORMATS, map_location)
         model = cls(config_from_payload(payload, path))
         load_state(model, _entry(payload, "state_dict", path), path)
-        return model
+        return model.eval()
 
     def load_weights(self, path: str | Path) -> None:
         """Load weights into this model; the file must come from a model of the same config."""

@@ -406,6 +406,8 @@ def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
     """A checkpoint file, or a run directory → its ``best.pt`` (``prefer="best"``) or its
     latest checkpoint (its ``best.pt`` where it has only that)."""
     path = Path(path)
+    if path.is_dir() and path.name == "checkpoints" and not checkpoint_dir(path).is_dir():
+        path = path.parent  # RUN/checkpoints given for RUN
     if path.is_dir():
         best = checkpoint_dir(path) / "best.pt"
         latest = latest_checkpoint(path)
@@ -575,6 +577,9 @@ class Trainer:
 
     def __init__(self, model_config: RealNVPConfig, train: TrainConfig,
                  resume: bool = True) -> None:
+        if train.data_dir is not None:  # kept absolute, so that eval and resume work anywhere
+            train = dataclasses.replace(train, data_dir=os.path.abspath(
+                os.path.expanduser(train.data_dir)))
         self.train_config = train
         self.run_dir = check_can_create(train.run_dir, folder=True)
         if train.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -759,7 +764,11 @@ class Trainer:
     @staticmethod
     def _conditional_config(config: RealNVPConfig, dataset: ImageDataset) -> RealNVPConfig:
         if dataset.num_classes is None:
-            raise ValueError("--conditional needs a labelled dataset; this one has no labels")
+            where = {"celeba": " (CelebA's labels are its attributes: list_attr_celeba.txt "
+                               "was not found beside list_eval_partition.txt)",
+                     "npz": " (no y_train array)"}.get(getattr(dataset, "name", ""), "")
+            raise ValueError(f"--conditional needs a labelled dataset; this one has no "
+                             f"labels{where}")
         if config.num_classes not in (None, dataset.num_classes):
             raise ValueError(f"num_classes={config.num_classes}, but the dataset has "
                              f"{dataset.num_classes} {dataset.label_kind} labels (with "

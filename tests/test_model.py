@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import calibrate, perturb, small_image_model
@@ -368,6 +370,23 @@ def test_top_pixel_value_stays_finite_in_float32(monkeypatch):
     for form in ("paper", "official"):
         y, logdet = LogitTransform(0.05, form)(x_tilde)
         assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+
+
+def test_configs_take_numpy_and_torch_values_as_plain_python(tmp_path):
+    """A config built from numpy or torch values holds Python numbers, so its checkpoints
+    load with weights_only=True (which refuses numpy objects)."""
+    config = RealNVPConfig(input_shape=np.array([1, 8, 8]), scales=np.int64(2),
+                           res_blocks=torch.tensor(1), features=np.int32(4),
+                           shift_then_scale=np.bool_(True), bn_momentum=np.float32(0.5))
+    assert config == RealNVPConfig(input_shape=(1, 8, 8), scales=2, res_blocks=1, features=4,
+                                   shift_then_scale=True, bn_momentum=0.5)
+    assert all(type(v) in (int, float, bool, str, tuple, type(None))
+               for v in dataclasses.asdict(config).values())
+    RealNVP(config).save(tmp_path / "m.pt")
+    assert RealNVP.load(tmp_path / "m.pt").config == config
+    with pytest.raises(ValueError, match=r"scales must be an integer, got np.float64\(2.0\) "
+                                         r"\(numpy.float64\)"):
+        RealNVPConfig(scales=np.float64(2.0))
 
 
 def test_encode_decode_sample_and_config_refuse_bad_values():

@@ -139,6 +139,18 @@ def test_a_second_sigterm_exits_at_once_with_143(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path) is None  # no waiting for the step, so nothing saved
 
 
+def test_under_torchrun_a_second_sigterm_still_lets_the_step_be_saved(tmp_path, monkeypatch):
+    """A scheduler signals every process, and torchrun passes its own signal on: a worker gets
+    SIGTERM twice, also when it is torchrun's only process."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # what torchrun sets for its workers
+    trainer = make_trainer(tmp_path, steps=50, checkpoint_every=1000)
+    signals_at(trainer, monkeypatch, 1, signal.SIGTERM, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.run()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert load_checkpoint(latest_checkpoint(tmp_path))["run_state"]["step"] == 2
+
+
 def test_signals_an_ignored_sigint_and_a_signal_in_the_last_step(tmp_path, monkeypatch):
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's background job
     try:

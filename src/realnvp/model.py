@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -157,33 +158,55 @@ def config_from_payload(payload: dict, path: str | Path) -> RealNVPConfig:
 
 
 def check_field_types(config: Any) -> None:
-    """Raise a ValueError naming the first field of a config dataclass whose value is not of
-    its annotated type: a TOML file or a caller can give "0.1" or 2.0 where a number or an
+    """Check every field of a config dataclass against its annotated type, and store it as a
+    plain Python value: a TOML file or a caller can give "0.1" or 2.0 where a number or an
     integer belongs, which would otherwise fail later with a bare TypeError, or not at all.
-    Integers pass for floats and lists for tuples; booleans do not pass for numbers. Literal
-    fields are left to the config's own checks (they name the choices)."""
+    Integers pass for floats; numpy and 0-d torch scalars pass as the Python number they hold
+    (and are stored as one: checkpoints load with ``weights_only=True``, which refuses numpy
+    objects); lists, arrays and 1-D tensors pass for tuples; booleans do not pass for numbers.
+    Literal fields are left to the config's own checks (they name the choices). Raises a
+    ValueError naming the first field that does not fit."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
-        if not _is_of_type(value, hint):
+        fits, plain = _as_type(value, hint)
+        if not fits:
             raise ValueError(f"{f.name} must be {_type_words(hint)}, got {value!r} "
-                             f"({type(value).__name__})")
+                             f"({type(value).__module__}.{type(value).__qualname__})"
+                             .replace("(builtins.", "("))
+        setattr(config, f.name, plain)
 
 
-def _is_of_type(value: Any, hint: Any) -> bool:
+def _as_type(value: Any, hint: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits ``hint``, the value as a plain Python object)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_is_of_type(value, a) for a in args)
+        for arg in args:
+            fits, plain = _as_type(value, arg)
+            if fits:
+                return True, plain
+        return False, value
     if origin is Literal:
-        return True
+        return True, value
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim == 0:
+            value = value.item()
+        elif origin is tuple and value.ndim == 1:
+            value = value.tolist()
+    elif isinstance(value, np.generic):  # np.int64, np.float32, np.bool_, ...
+        value = value.item()
     if origin is tuple:  # tuple[int, ...]
-        return isinstance(value, (tuple, list)) and all(_is_of_type(v, args[0]) for v in value)
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        items = [_as_type(v, args[0]) for v in value]
+        return all(fits for fits, _ in items), tuple(v for _, v in items)
     if hint is type(None):
-        return value is None
+        return value is None, value
     if hint in (int, float):
         kind = numbers.Integral if hint is int else numbers.Real
-        return isinstance(value, kind) and not isinstance(value, bool)
-    return isinstance(value, hint)
+        fits = isinstance(value, kind) and not isinstance(value, bool)
+        return fits, (hint(value) if fits else value)
+    return isinstance(value, hint), value
 
 
 def _type_words(hint: Any) -> str:

@@ -947,7 +947,9 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         skipped = torch.zeros((), dtype=torch.int64, device=self.device)  # since last read
         try:
-            with _stop_requests(second_stops_at_once=not self.dist.enabled) as stop:
+            # under torchrun (even with one process) a scheduler's signal can arrive twice
+            under_torchrun = self.dist.enabled or "TORCHELASTIC_RUN_ID" in os.environ
+            with _stop_requests(second_stops_at_once=not under_torchrun) as stop:
                 if state.pending:  # what a bad image kept the checkpointed step from doing
                     self._finish_step(list(state.pending), skipped, bar)
                 self._loop(bar, skipped, stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -173,6 +174,17 @@ def test_evaluate_noise_is_per_image_whatever_the_batch_size():
         model.bits_per_dim(images, noise=torch.full_like(u[:, 0], float("nan")))
     with pytest.raises(ValueError, match="noise has shape"):
         model.bits_per_dim(images, noise=u[:5, 0])
+    # SPEC's known trap: evaluate scores in eval mode even when given a model in train mode,
+    # and leaves its running statistics alone
+    in_train_mode = copy.deepcopy(model).train()
+    buffers = [b.clone() for b in in_train_mode.buffers()]
+    trained = evaluate(in_train_mode, data, batch_size=4, seed=5).per_image
+    assert in_train_mode.training and torch.equal(trained, one)
+    assert all(torch.equal(b, b0) for b, b0 in zip(in_train_mode.buffers(), buffers))
+    with torch.no_grad():  # the premise: train mode is another function of the batch
+        train_mode = in_train_mode.bits_per_dim(images,
+                                                generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(train_mode, one, rtol=0, atol=1e-3)
     for bad in (dict(batch_size=0), dict(max_images=-1), dict(samples=0), dict(batch_size=2.5)):
         with pytest.raises(ValueError, match="must be a positive integer"):
             evaluate(model, data, **bad)
@@ -450,3 +462,36 @@ def test_pixel_baseline_by_hand():
     expected = [-(math.log2(2.5 / total) + math.log2(2.5 / total)) / 2,
                 -(math.log2(1.5 / total) + math.log2(0.5 / total)) / 2]
     assert torch.allclose(bits, torch.tensor(expected, dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("name,scales,blocks,features,last_size", [
+    ("cifar10", 2, 8, 64, 16), ("imagenet32", 4, 4, 32, 4), ("imagenet64", 5, 2, 32, 4),
+    ("celeba64", 5, 2, 32, 4), ("lsun64", 5, 2, 32, 4), ("mnist", 3, 4, 32, 7)])
+def test_presets_and_the_order_of_their_couplings(name, scales, blocks, features, last_size):
+    """SPEC §1.3 and §3: each scale 3 checkerboard couplings (the first passing i + j odd,
+    alternating) → squeeze → 3 channel couplings (first half first, alternating), the last
+    scale 4 checkerboard couplings at 4×4 (CIFAR-10: "downscale only once"; MNIST stops at
+    7×7); s/t widths features·2^i, doubled in channel couplings; a batch norm after each."""
+    from realnvp import AffineCoupling, BatchNormFlow, Squeeze
+
+    model = RealNVP.from_preset(name)
+    c = model.config
+    assert (c.scales, c.res_blocks, c.features) == (scales, blocks, features)
+    assert model.latent_shapes()[-1][1:] == (last_size, last_size)
+    for i, scale in enumerate(model.scales):
+        layers = list(scale.layers)
+        kinds = []
+        for layer, after in zip(layers, layers[1:] + [None]):
+            if isinstance(layer, AffineCoupling):
+                assert isinstance(after, BatchNormFlow)
+                width = layer.net.stem.weight_v.shape[0]
+                double = 2 if layer.mask == "channel" else 1
+                assert width == features * 2**i * double
+                assert len(layer.net.blocks) == blocks
+                kinds.append(f"{'b' if layer.mask == 'checkerboard' else 'c'}{layer.parity}")
+            elif isinstance(layer, Squeeze):
+                kinds.append("squeeze")
+        last = i == scales - 1
+        # b: checkerboard (parity 1: i + j odd passes), c: channel (parity 0: first half)
+        assert kinds == (["b1", "b0", "b1", "b0"] if last else
+                         ["b1", "b0", "b1", "squeeze", "c0", "c1", "c0"]), (i, kinds)

@@ -884,3 +884,38 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"has changed since the checkpoint \(train images 36 → "
                                          r"45, valid images 4 → 5, valid positions"):
         npz_run(tmp_path, npz, steps=3)
+
+
+def test_the_papers_training_recipe(tmp_path, monkeypatch):
+    """SPEC §3: Adam (lr 1e-3, betas 0.9/0.999), batch 64, L2 5e-5 on the weight-norm
+    magnitudes and tanh scales, global gradient-norm clipping at 100."""
+    t = TrainConfig()
+    assert (t.lr, t.beta1, t.beta2, t.batch_size, t.l2, t.grad_clip) == \
+        (1e-3, 0.9, 0.999, 64, 5e-5, 100.0)
+    model = RealNVP(RealNVPConfig(input_shape=(1, 8, 8), scales=1, res_blocks=1, features=4))
+    penalised = {id(p) for p in model.l2_parameters()}
+    for name, p in model.named_parameters():  # exactly the magnitudes g and the tanh scales
+        assert (id(p) in penalised) == name.endswith(("weight_g", ".scale")), name
+    with torch.no_grad():
+        for p in model.l2_parameters():
+            p.normal_()
+    x = dequantize(torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8))
+    loss, bpd = Objective(model, 5e-5)(x, None)
+    by_hand = 5e-5 * sum(float(p.pow(2).sum()) for p in model.l2_parameters())
+    assert math.isclose(float(loss - bpd), by_hand, rel_tol=1e-4)
+
+    # the trainer's step clips the global gradient norm to grad_clip
+    trainer = make_trainer(tmp_path, steps=1, grad_clip=1e-3)
+    clip, seen = torch.nn.utils.clip_grad_norm_, []
+
+    def recording(params, max_norm, *args, **kwargs):
+        params = list(params)
+        before = clip(params, max_norm, *args, **kwargs)
+        after = torch.sqrt(sum(p.grad.pow(2).sum() for p in params if p.grad is not None))
+        seen.append((float(before), max_norm, float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+    trainer.training_step(*trainer.next_batch(), 1e-3)
+    (before, max_norm, after), = seen
+    assert max_norm == 1e-3 and before > 1e-3 and math.isclose(after, 1e-3, rel_tol=1e-3)

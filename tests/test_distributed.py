@@ -374,3 +374,13 @@ def test_every_rank_learns_the_signal_any_rank_got(tmp_path, one_thread_env):
     for rank in range(2):
         agreed = json.loads((tmp_path / f"agreed-{rank}.json").read_text())
         assert agreed == [None, signal.SIGINT, signal.SIGTERM]
+
+
+def test_an_epoch_that_divides_into_batches_uses_every_image():
+    """32 images, batches of 16: both batches of an epoch are used (the last one fits exactly),
+    together they are the epoch's permutation, and the third step starts epoch 1."""
+    first, *position = batch_indices(32, 16, 0, 0, seed=1)
+    second, *position = batch_indices(32, 16, *position, seed=1)
+    assert sorted(torch.cat([first, second]).tolist()) == list(range(32))
+    third, *position = batch_indices(32, 16, *position, seed=1)
+    assert position == [1, 16] and not torch.equal(third, first)

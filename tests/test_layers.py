@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import perturb
@@ -171,6 +173,7 @@ def test_batchnorm_train_uses_batch_statistics_and_updates_running():
     assert torch.allclose(y[:, :, 0, 0], (x[:, :, 0, 0] - mean) / torch.sqrt(0.9 + 0.1 * var
                                                                           + 1e-4))
     assert torch.allclose(lagged.running_mean, mean)
+    assert torch.allclose(lagged.running_var, 0.9 + 0.1 * var)
     # the inverse always uses the running statistics
     bn.eval()
     z, _ = bn(x)
@@ -256,3 +259,14 @@ def test_masks_are_built_once_per_size(monkeypatch):
     with torch.inference_mode():
         model.sample(2, shape=(16, 16))
     assert len(built) == again
+
+
+@pytest.mark.parametrize("form,k", [("paper", 1 - 0.05), ("official", 1 - 2 * 0.05)])
+def test_logit_forms_by_hand(form, k):
+    """paper: p = α + (1 − α)x̃; official: p = α + (1 − 2α)x̃; y = logit p and
+    log|dy/dx̃| = log k − log p − log(1 − p) per entry."""
+    x = torch.tensor([[0.0, 0.25, 0.5, 0.9]], dtype=torch.float64)
+    y, logdet = LogitTransform(0.05, form)(x)
+    p = 0.05 + k * x
+    assert torch.allclose(y, torch.log(p) - torch.log1p(-p))
+    assert torch.allclose(logdet, (math.log(k) - torch.log(p) - torch.log1p(-p)).sum(1))

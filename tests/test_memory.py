@@ -214,3 +214,24 @@ def test_norm_relu_conv_counts_batches_like_torch(momentum):
         for a, b in zip(*results):
             assert torch.equal(a, b)
     assert all(int(norm.num_batches_tracked) == 2 for norm, _ in layers.values())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_differentiable_condition_gets_the_same_gradient(mode):
+    """flow_forward with a condition that requires grad (a learned label embedding, say): its
+    gradient in each memory mode equals ordinary backpropagation's (summed over couplings)."""
+    from realnvp.memory import flow_forward
+
+    model = perturb(small_image_model((3, 8, 8), 2, num_classes=3), seed=4, scale=0.1).double()
+    scale = model.scales[0].train()
+    x = torch.rand(8, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for name in ("none", mode):
+        flow = copy.deepcopy(scale)
+        cond = torch.randn(8, 3, dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(3)).requires_grad_()
+        y, logdet = flow_forward(flow, x, cond, name)
+        (y.square().sum() + logdet.sum()).backward()
+        grads[name] = cond.grad
+    assert grads[mode].abs().max() > 0
+    assert torch.allclose(grads[mode], grads["none"], rtol=1e-8, atol=1e-10)

@@ -133,15 +133,18 @@ def hand_bits_per_dim(x: list[float], u: list[float], n_bits: int, alpha: float 
     return (-log_p + d * math.log(levels)) / (d * math.log(2))
 
 
-@pytest.mark.parametrize("n_bits,values", [(8, [0, 255, 128, 64]), (5, [0, 31, 7, 16])])
+@pytest.mark.parametrize("n_bits,values", [(8, [0, 255, 128, 64]), (5, [0, 31, 7, 16]),
+                                           (8, [0, 255, 128, 64, 3, 200, 17, 99, 1, 2, 250, 77])])
 def test_bits_per_dim_by_hand(n_bits, values):
     # No batch norm and identity couplings (their last layers start at zero): the flow after the
-    # logit is exactly the identity, so the hand formula above is the whole model.
-    model = RealNVP(RealNVPConfig(input_shape=(1, 2, 2), scales=1, res_blocks=1, features=4,
+    # logit is exactly the identity, so the hand formula above is the whole model. D counts
+    # every channel (the last case: 3 channels of 2×2).
+    shape = (len(values) // 4, 2, 2)
+    model = RealNVP(RealNVPConfig(input_shape=shape, scales=1, res_blocks=1, features=4,
                                   batch_norm="none")).double().eval()
-    x = torch.tensor(values, dtype=torch.uint8).view(1, 1, 2, 2)
+    x = torch.tensor(values, dtype=torch.uint8).view(1, *shape)
     bpd = model.bits_per_dim(x, n_bits=n_bits, generator=torch.Generator().manual_seed(7))
-    u = torch.rand((1, 1, 2, 2), generator=torch.Generator().manual_seed(7)).flatten().tolist()
+    u = torch.rand((1, *shape), generator=torch.Generator().manual_seed(7)).flatten().tolist()
     expected = hand_bits_per_dim([float(v) for v in values], u, n_bits)
     assert bpd.shape == (1,)
     assert abs(bpd.item() - expected) < 1e-5, (bpd.item(), expected)
@@ -495,3 +498,27 @@ def test_presets_and_the_order_of_their_couplings(name, scales, blocks, features
         # b: checkerboard (parity 1: i + j odd passes), c: channel (parity 0: first half)
         assert kinds == (["b1", "b0", "b1", "b0"] if last else
                          ["b1", "b0", "b1", "squeeze", "c0", "c1", "c0"]), (i, kinds)
+
+
+def test_pixel_range_boundaries_and_zero_noise():
+    """n-bit pixels are 0 … 2ⁿ − 1: the top value is accepted, 2ⁿ refused; noise u ∈ [0, 1),
+    so u = 0 is accepted and gives x̃ = x / 2ⁿ."""
+    from realnvp import dequantize
+
+    top = torch.tensor([[[[31, 0], [5, 31]]]], dtype=torch.uint8)
+    assert torch.equal(dequantize(top, 5, noise=torch.zeros(1, 1, 2, 2)), top.float() / 32)
+    with pytest.raises(ValueError, match="5-bit"):
+        dequantize(top + 1, 5)
+    assert dequantize(torch.full((1, 1, 2, 2), 255, dtype=torch.uint8)).max() < 1
+    with pytest.raises(ValueError):
+        dequantize(torch.full((1, 1, 2, 2), 256), 8)
+
+
+def test_sampling_temperature_scales_the_latents():
+    model = perturb(small_image_model((3, 8, 8), 2)).eval()
+    samples = model.sample(3, temperature=0.5, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    z = [torch.randn((3, *s), generator=g) for s in model.latent_shapes()]
+    with torch.no_grad():
+        by_hand = model.decode([0.5 * zi for zi in z]).clamp(0, 1)
+    assert torch.allclose(samples, by_hand, atol=1e-6)

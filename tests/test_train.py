@@ -919,3 +919,24 @@ def test_the_papers_training_recipe(tmp_path, monkeypatch):
     trainer.training_step(*trainer.next_batch(), 1e-3)
     (before, max_norm, after), = seen
     assert max_norm == 1e-3 and before > 1e-3 and math.isclose(after, 1e-3, rel_tol=1e-3)
+
+
+def test_valid_size_0_trains_on_every_image_without_validation(tmp_path, capsys):
+    """The paper's CIFAR-10 models trained on all 50,000 training images: valid_size 0 keeps no
+    validation slice, runs no validation and writes no best.pt; checkpoints, sample grids
+    (labels from the training images) and resuming work as usual."""
+    run = tmp_path / "run"
+    cli_main(["train", "--preset", "mnist", *TINY, "--dataset", "mnist-t10k", "--valid-size",
+              "0", "--conditional", "--run-dir", str(run), "--steps", "2", "--batch-size", "16",
+              "--eval-every", "1", "--sample-every", "2", "--sample-count", "4",
+              "--checkpoint-every", "1", "--no-progress"])
+    assert "no validation (valid_size 0)" in capsys.readouterr().out
+    trainer = make_trainer(run, steps=3, valid_size=0, conditional=True)
+    assert len(trainer.train_set) == 10_000 and trainer.valid_set is None
+    assert trainer.state.step == 2 and not (run / "checkpoints" / "best.pt").exists()
+    assert (run / "samples" / "step-0000002.png").is_file()
+    assert not any("valid_bpd" in line for line in (run / "metrics.jsonl").read_text()
+                   .splitlines())
+    assert trainer.run().step == 3
+    with pytest.raises(ValueError, match="valid_size 0 → 100"):
+        make_trainer(run, steps=4, valid_size=100, conditional=True)

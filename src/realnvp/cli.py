@@ -270,9 +270,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         state = trainer.run()
         unit = "bits/dim" if model_config.is_image else "nats"
         if main:
-            print(f"done: step {state.step}, best valid {state.best_valid_bpd:.4f} {unit}, "
-                  f"{state.nonfinite_steps} non-finite steps skipped; run in "
-                  f"{train_config.run_dir}")
+            best = "no validation (valid_size 0)" if trainer.valid_set is None else \
+                f"best valid {state.best_valid_bpd:.4f} {unit}"
+            print(f"done: step {state.step}, {best}, {state.nonfinite_steps} non-finite steps "
+                  f"skipped; run in {train_config.run_dir}")
     finally:
         distributed.shutdown()
 

@@ -111,7 +111,8 @@ class TrainConfig:
     warmup_steps: int = 0           # linear learning-rate warm-up
     lr_decay: str = "none"          # "none" or "cosine" (to 0 at the last step)
     conditional: bool = False       # condition on the dataset's labels
-    valid_size: int | None = None   # size of the validation slice where the dataset has none
+    valid_size: int | None = None   # size of the validation slice where the dataset has none;
+    #                                 0: no validation at all, every training image trains
     random_flip: bool | None = None  # horizontal flips in training; None: the dataset's own
                                     # (on for cifar10, celeba, lsun; off for npz, folder, ...)
     eval_every: int = 500
@@ -343,7 +344,8 @@ def data_fingerprint(train_set: Any, valid_set: Any) -> dict[str, Any]:
     positions = getattr(valid_set, "source_indices", None)
     digest = None if positions is None else hashlib.blake2b(
         np.ascontiguousarray(positions, dtype="<i8").tobytes(), digest_size=8).hexdigest()
-    return {"train_images": len(train_set), "valid_images": len(valid_set),
+    return {"train_images": len(train_set),
+            "valid_images": 0 if valid_set is None else len(valid_set),
             "valid_positions": digest}
 
 
@@ -590,9 +592,12 @@ class Trainer:
         self.device = self.dist.device
         self.train_set = load_dataset(train.dataset, train.data_dir, "train", seed=train.seed,
                                       valid_size=train.valid_size)
-        self.valid_set = load_dataset(train.dataset, train.data_dir, "valid", seed=train.seed,
-                                      valid_size=train.valid_size)
-        _check_same_kind(train.dataset, self.train_set, self.valid_set, train.conditional)
+        # valid_size 0: every training image trains and no validation runs (the paper's
+        # CIFAR-10 models saw all 50,000; score the test split afterwards, `realnvp eval`)
+        self.valid_set = None if train.valid_size == 0 else load_dataset(
+            train.dataset, train.data_dir, "valid", seed=train.seed, valid_size=train.valid_size)
+        if self.valid_set is not None:
+            _check_same_kind(train.dataset, self.train_set, self.valid_set, train.conditional)
         self.data = data_fingerprint(self.train_set, self.valid_set)
         if train.random_flip is not None:
             if not hasattr(self.train_set, "random_flip"):
@@ -889,8 +894,9 @@ class Trainer:
         g = torch.Generator(device=self.device).manual_seed(t.seed)  # the same z at every step
         cond = None
         if self.model.config.num_classes:  # the labels of the first validation images, cycled
-            index = torch.arange(t.sample_count) % len(self.valid_set)
-            cond = self.valid_set.get_batch(index)[1].to(self.device)
+            labelled = self.train_set if self.valid_set is None else self.valid_set
+            index = torch.arange(t.sample_count) % len(labelled)
+            cond = labelled.get_batch(index)[1].to(self.device)
         images = self.model.sample(t.sample_count, cond=cond, generator=g)
         return save_image_grid(images, self.run_dir / "samples" / f"step-{self.state.step:07d}.png")
 
@@ -973,7 +979,7 @@ class Trainer:
             images_seen += self.global_batch_size
             last = state.step == t.steps
             log_now = state.step % t.log_every == 0 or last
-            evaluate_now = state.step % t.eval_every == 0 or last
+            evaluate_now = (state.step % t.eval_every == 0 or last) and self.valid_set is not None
             sample_now = (state.step % t.sample_every == 0 or last) and model.config.is_image
             checkpoint_now = state.step % t.checkpoint_every == 0 or last
             if log_now or evaluate_now or sample_now or checkpoint_now:

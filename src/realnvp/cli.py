@@ -101,20 +101,21 @@ def _int_at_least(low: int, meaning: str) -> Callable[[str], int]:
     return parse
 
 
-def png_argument(text: str) -> Path:
-    """An argparse type: a path to write a PNG to (:func:`realnvp.figures.png_path`)."""
-    try:
-        return png_path(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _path_argument(check: Callable[[str], Path], what: str) -> Callable[[str], Path]:
+    """An argparse type from a path check that raises ValueError (argparse wants its own
+    error type to print the message)."""
+    def parse(text: str) -> Path:
+        try:
+            return check(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__doc__ = f"An argparse type: {what}."
+    return parse
 
 
-def output_file(text: str) -> Path:
-    """An argparse type: a file to write at the end (not a folder, under no file)."""
-    try:
-        return check_can_create(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+png_argument = _path_argument(png_path, "a path to write a PNG to (realnvp.figures.png_path)")
+output_file = _path_argument(check_can_create, "a file to write at the end (not a folder, "
+                             "under no file)")
 
 
 positive_int = _int_at_least(1, "a positive integer")

@@ -288,12 +288,11 @@ def add_precision_option(p: argparse.ArgumentParser) -> None:
 def load_model(checkpoint: Path, device: str = "auto", precision: str = "fp32") -> RealNVP:
     """A model from a checkpoint/model file or a run directory (its best.pt), in eval mode,
     its s/t networks at ``precision`` ("auto": see :func:`realnvp.model.inference_precision`)."""
-    path = resolve_checkpoint(checkpoint)
     device_ = pick_device(device)
-    model = RealNVP.load(path, map_location=device_)
+    model = RealNVP.load(checkpoint, map_location=device_)  # a run directory resolved, eval mode
     if precision == "auto":
         precision = inference_precision(device_) if model._dtype() == torch.float32 else "fp32"
-    return model.set_precision(precision).eval()
+    return model.set_precision(precision)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

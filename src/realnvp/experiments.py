@@ -78,13 +78,6 @@ def _dtype(model: RealNVP) -> torch.dtype:
     return model._dtype()
 
 
-def _randn(shape: Sequence[int], model: RealNVP, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise drawn on the generator's device, moved to the model's."""
-    device = generator.device if generator is not None else _device(model)
-    return torch.randn(tuple(shape), generator=generator, device=device,
-                       dtype=_dtype(model)).to(_device(model))
-
-
 def pixels_to_input(pixels: Tensor, n_bits: int = 8) -> Tensor:
     """Integer pixels in {0, …, 2ⁿ − 1}, (N, C, H, W) → the model's input space, the centre of
     each dequantisation bin: (x + ½) / 2ⁿ ∈ (0, 1), float32."""
@@ -235,7 +228,7 @@ def resample_levels(model: RealNVP, images: Tensor, ks: Sequence[int] | int | No
     the same for any input batch of the same size (and labels)."""
     return _replace_finest(
         model, images, ks, cond,
-        lambda latents: [temperature * _randn(z.shape, model, generator) for z in latents])
+        lambda latents: [temperature * model.standard_normal(z.shape, generator) for z in latents])
 
 
 def compress(model: RealNVP, images: Tensor, ks: Sequence[int] | int | None = None, *,
@@ -390,7 +383,7 @@ def toy_experiment(model: RealNVP, data: Tensor, n_prior: int | None = None,
     extent = extent or data_extent(data.cpu())
     with _evaluating(model):
         latents = model.encode(data)[0]
-        prior = temperature * _randn((n_prior, 2), model, generator)
+        prior = temperature * model.standard_normal((n_prior, 2), generator)
         mapped = model.decode([prior])
     return ToyResult(data.cpu(), latents.cpu(), prior.cpu(), mapped.cpu(),
                      density_grid(model, extent, grid), extent, latent_extent)

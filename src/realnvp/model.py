@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import math
 import numbers
+import os
 import types
 import typing
 from collections.abc import Iterator
@@ -161,9 +162,10 @@ def check_field_types(config: Any) -> None:
     """Check every field of a config dataclass against its annotated type, and store it as a
     plain Python value: a TOML file or a caller can give "0.1" or 2.0 where a number or an
     integer belongs, which would otherwise fail later with a bare TypeError, or not at all.
-    Integers pass for floats; numpy and 0-d torch scalars pass as the Python number they hold
-    (and are stored as one: checkpoints load with ``weights_only=True``, which refuses numpy
-    objects); lists, arrays and 1-D tensors pass for tuples; booleans do not pass for numbers.
+    Integers pass for floats and paths for strings; numpy and 0-d torch scalars pass as the
+    Python number they hold (and are stored as one: checkpoints load with
+    ``weights_only=True``, which refuses numpy objects); lists, arrays and 1-D tensors pass
+    for tuples; booleans do not pass for numbers.
     Literal fields are left to the config's own checks (they name the choices). Raises a
     ValueError naming the first field that does not fit."""
     hints = typing.get_type_hints(type(config))
@@ -195,6 +197,8 @@ def _as_type(value: Any, hint: Any) -> tuple[bool, Any]:
             value = value.tolist()
     elif isinstance(value, np.generic):  # np.int64, np.float32, np.bool_, ...
         value = value.item()
+    elif hint is str and isinstance(value, os.PathLike):  # a pathlib.Path: kept as text (TOML)
+        value = os.fspath(value)
     if origin is tuple:  # tuple[int, ...]
         if not isinstance(value, (tuple, list)):
             return False, value
@@ -557,6 +561,14 @@ class RealNVP(nn.Module):
                              ).to(self._dtype())
         return bits_per_dim(self.log_prob(x_tilde, cond), x[0].numel(), n_bits)
 
+    def standard_normal(self, shape: tuple[int, ...], generator: torch.Generator | None = None
+                        ) -> Tensor:
+        """N(0, I) noise of ``shape`` in the model's dtype, on its device, drawn on the
+        generator's device (a CPU generator gives the same numbers for a model on a GPU)."""
+        device = self._device() if generator is None else generator.device
+        return torch.randn(tuple(shape), generator=generator, device=device,
+                           dtype=self._dtype()).to(self._device())
+
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -632,14 +644,8 @@ class RealNVP(nn.Module):
             raise ValueError(f"n must be positive, got {n}")
         if not 0 <= temperature < math.inf:  # NaN too
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        device, dtype = self._device(), self._dtype()
-        # drawn on the generator's device (a CPU generator gives the same z for a GPU model)
-        noise_device = device if generator is None else generator.device
-        latents = [
-            temperature * torch.randn((n, *s), generator=generator, device=noise_device,
-                                      dtype=dtype).to(device)
-            for s in self.latent_shapes(shape)
-        ]
+        latents = [temperature * self.standard_normal((n, *s), generator)
+                   for s in self.latent_shapes(shape)]
         with eval_mode(self):
             x = self._inverse(latents, cond)
         return x.clamp(0, 1) if self.config.is_image else x

@@ -144,23 +144,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # checked here, before any data is read or any step is taken
-        for name in ("data_dir", "run_dir"):  # a pathlib.Path is fine: kept as text, for TOML
-            if isinstance(getattr(self, name), os.PathLike):
-                setattr(self, name, os.fspath(getattr(self, name)))
-        check_field_types(self)
+        check_field_types(self)  # types first: the checks below compare values
         at_least = {"steps": 1, "batch_size": 1, "eval_every": 1, "sample_every": 1,
                     "sample_count": 1, "checkpoint_every": 1, "keep_checkpoints": 1,
                     "log_every": 1, "warmup_steps": 0, "max_nonfinite": 0,
                     "valid_size": 0, "eval_images": 1}  # the last two may also be None
         for name, low in at_least.items():
             value, optional = getattr(self, name), name in ("valid_size", "eval_images")
-            if optional and value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not (optional and value is None) and value < low:
                 raise ValueError(f"{name} must be {'None or ' if optional else ''}an integer "
                                  f">= {low}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
-                or not 0 <= self.seed < 2**32:
+        if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not (0 < self.lr < math.inf and 0 < self.grad_clip <= math.inf
                 and 0 <= self.l2 < math.inf and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):

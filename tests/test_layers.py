@@ -53,6 +53,12 @@ LAYERS = [
     ("batchnorm", lambda: BatchNormFlow(3), (3, 2, 3)),
     ("batchnorm-lagged", lambda: BatchNormFlow(3, mode="lagged"), (3, 2, 3)),
     ("batchnorm-vector", lambda: BatchNormFlow(5), (5,)),
+    ("batchnorm-checkerboard-0", lambda: BatchNormFlow(3, mask="checkerboard"), (3, 3, 3)),
+    ("batchnorm-checkerboard-1",
+     lambda: BatchNormFlow(3, mask="checkerboard", parity=1, mode="lagged"), (3, 3, 3)),
+    ("batchnorm-channel-0", lambda: BatchNormFlow(4, mask="channel"), (4, 2, 2)),
+    ("batchnorm-channel-odd-1", lambda: BatchNormFlow(3, mask="channel", parity=1), (3, 2, 2)),
+    ("batchnorm-vector-channel-1", lambda: BatchNormFlow(5, mask="channel", parity=1), (5,)),
     ("logit-paper", lambda: LogitTransform(0.05, "paper"), (2, 3, 3)),
     ("logit-official", lambda: LogitTransform(0.05, "official"), (2, 3, 3)),
     ("squeeze", Squeeze, (2, 4, 4)),
@@ -180,6 +186,59 @@ def test_batchnorm_train_uses_batch_statistics_and_updates_running():
     assert torch.allclose(bn.inverse(z)[0], x)
 
 
+@pytest.mark.parametrize("mode", ["batch", "lagged"])
+@pytest.mark.parametrize("parity", [0, 1])
+def test_masked_batchnorm_normalises_only_what_the_coupling_transformed(parity, mode):
+    """SPEC §1.5: after a checkerboard coupling, the b = 0 positions of each channel are
+    normalised with their own statistics and the passed b = 1 ones are left alone; the log-det
+    counts the normalised entries only (5 of a 3×3 image's 9 for parity 1, 4 for parity 0)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 2, 3, 3, generator=g, dtype=torch.float64) * 3 + 5
+    x[:, :, 0, 0] += 100  # a passed position (parity 0) far off: must not enter the statistics
+    bn = BatchNormFlow(2, mask="checkerboard", parity=parity, mode=mode).double().train()
+    y, logdet = bn(x)
+    b = checkerboard_mask(3, 3, parity, dtype=torch.bool)[0, 0]
+    assert torch.equal(y[:, :, b], x[:, :, b])  # passed entries: bit for bit
+    var, mean = torch.var_mean(x[:, :, ~b], dim=(0, 2), unbiased=False)  # (C,) of b = 0 only
+    count = int((~b).sum())
+    assert count == (5 if parity == 1 else 4)
+    if mode == "lagged":
+        mean, var = 0.1 * mean, 0.9 + 0.1 * var
+    else:
+        assert y[:, :, ~b].mean(dim=(0, 2)).abs().max() < 1e-10
+    std = torch.sqrt(var + 1e-4)
+    assert torch.allclose(y[:, :, ~b], (x[:, :, ~b] - mean[:, None]) / std[:, None])
+    assert torch.allclose(logdet, (-count * torch.log(std).sum()).expand(64))
+    assert torch.allclose(bn.running_mean, mean if mode == "lagged" else 0.1 * mean)
+    # and the inverse (eval mode: the running averages) puts x back
+    bn.eval()
+    assert torch.allclose(bn.inverse(bn(x)[0])[0], x)
+
+
+@pytest.mark.parametrize("channels,parity,changed", [(4, 0, [2, 3]), (4, 1, [0, 1]),
+                                                      (5, 0, [3, 4]), (5, 1, [0, 1, 2])])
+def test_masked_batchnorm_after_a_channel_coupling(channels, parity, changed):
+    """After a channel-wise coupling only its transformed channels are normalised (the ones
+    channel_mask marks 0); the running averages have one entry per normalised channel."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(32, channels, 2, 2, generator=g, dtype=torch.float64) * 2 + 3
+    bn = BatchNormFlow(channels, mask="channel", parity=parity).double().train()
+    assert bn.running_mean.shape == (len(changed),)
+    assert torch.equal(channel_mask(channels, parity).flatten() == 0,
+                       torch.isin(torch.arange(channels), torch.tensor(changed)))
+    y, logdet = bn(x)
+    passed = [c for c in range(channels) if c not in changed]
+    assert torch.equal(y[:, passed], x[:, passed])
+    var, mean = torch.var_mean(x[:, changed], dim=(0, 2, 3), unbiased=False)
+    std = torch.sqrt(var + 1e-4)
+    assert torch.allclose(y[:, changed], (x[:, changed] - mean.view(1, -1, 1, 1))
+                          / std.view(1, -1, 1, 1))
+    assert torch.allclose(logdet, (-4 * torch.log(std).sum()).expand(32))
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var)
+    with pytest.raises(ValueError, match=f"batch norm of {channels} channels"):
+        bn(x[:, :3] if channels > 3 else x[:, :2])
+
+
 def test_layers_refuse_bad_settings_and_degenerate_batches():
     for bad in (2, -1, 0.5):
         with pytest.raises(ValueError, match="parity must be 0 or 1"):
@@ -192,6 +251,12 @@ def test_layers_refuse_bad_settings_and_degenerate_batches():
                           ({"eps": 0}, "eps"), ({"eps": float("nan")}, "eps")):
         with pytest.raises(ValueError, match=match):
             BatchNormFlow(3, **kwargs)
+    with pytest.raises(ValueError, match="batch norm mask must be"):
+        BatchNormFlow(3, mask="checker")
+    with pytest.raises(ValueError, match="parity must be 0 or 1"):
+        BatchNormFlow(3, mask="checkerboard", parity=2)
+    with pytest.raises(ValueError, match="checkerboard batch norm needs"):
+        BatchNormFlow(3, mask="checkerboard")(torch.randn(4, 3))
     # One value per channel: the batch variance is 0 and every input would map to 0.
     with pytest.raises(ValueError, match="more than one value per channel"):
         BatchNormFlow(3).train()(torch.randn(1, 3))
@@ -230,16 +295,16 @@ def test_masks_are_built_once_per_size(monkeypatch):
     fully convolutional model sampled at 2×) builds its own once."""
     from conftest import small_image_model
 
-    import realnvp.coupling as coupling
+    import realnvp.masks as masks
 
     built = []
-    real = coupling.checkerboard_mask
+    real = masks.checkerboard_mask
 
     def counting(*args, **kwargs):
         built.append(args[:2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(coupling, "checkerboard_mask", counting)
+    monkeypatch.setattr(masks, "checkerboard_mask", counting)
     model = small_image_model(shape=(3, 8, 8))
     x = torch.rand(4, 3, 8, 8)
     model.train()

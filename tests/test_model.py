@@ -39,6 +39,7 @@ MODELS = [
     ("3x8x8", lambda: small_image_model((3, 8, 8), 2)),
     ("3x8x8-official", lambda: small_image_model((3, 8, 8), 2, shift_then_scale=True,
                                                  logit_form="official", batch_norm="lagged")),
+    ("3x8x8-bn-all-entries", lambda: small_image_model((3, 8, 8), 2, bn_entries="all")),
     ("vector-8", lambda: RealNVP(RealNVPConfig(input_shape=(8,), coupling_layers=4,
                                                features=16, res_blocks=2))),
 ]
@@ -361,6 +362,38 @@ def test_save_load_roundtrip_and_config_mismatch(tmp_path):
     assert not RealNVP.load(path).training  # ready to evaluate with its running statistics
 
 
+def test_models_saved_before_bn_entries_load_as_they_were(tmp_path):
+    """A config saved before ``bn_entries`` existed (batch norms then normalised every entry)
+    rebuilds that model, not today's default (SPEC §1.5's transformed entries only); a new
+    config without the field gets the default."""
+    from realnvp.train import TrainConfig, read_config, write_config
+
+    old = perturb(small_image_model((3, 8, 8), 2, bn_entries="all"), seed=11).eval()
+    payload = {"format": "realnvp-model", "version": 1,
+               "config": {k: v for k, v in old.config.to_dict().items() if k != "bn_entries"},
+               "state_dict": old.state_dict()}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = RealNVP.load(tmp_path / "old.pt")
+    assert loaded.config.bn_entries == "all"
+    x = pixels((3, 8, 8), 3, torch.float32)
+    assert torch.equal(loaded.log_prob(x), old.log_prob(x))
+    write_config(tmp_path / "config.toml", old.config, TrainConfig())
+    text = (tmp_path / "config.toml").read_text()
+    (tmp_path / "config.toml").write_text(text.replace('bn_entries = "all"\n', ""))
+    assert "bn_entries" not in (tmp_path / "config.toml").read_text()
+    assert read_config(tmp_path / "config.toml")[0].bn_entries == "all"
+    assert RealNVPConfig().bn_entries == "transformed"
+    # the two are different models: the same weights give another density in train mode
+    new = small_image_model((3, 8, 8), 2)
+    mine = new.state_dict()  # the same weights; the channel norms' buffers differ in size
+    new.load_state_dict({k: v for k, v in old.state_dict().items()
+                         if v.shape == mine[k].shape}, strict=False)
+    with torch.no_grad():
+        assert not torch.allclose(new.train().log_prob(x), old.train().log_prob(x))
+    with pytest.raises(ValueError, match="bn_entries must be transformed or all"):
+        RealNVPConfig(bn_entries="some")
+
+
 def test_sampling_other_sizes_and_temperature():
     model = perturb(small_image_model((3, 8, 8), 2), seed=11).eval()
     big = model.sample(3, shape=(16, 24))
@@ -487,6 +520,8 @@ def test_presets_and_the_order_of_their_couplings(name, scales, blocks, features
         for layer, after in zip(layers, layers[1:] + [None]):
             if isinstance(layer, AffineCoupling):
                 assert isinstance(after, BatchNormFlow)
+                # SPEC §1.5: it normalises only what this coupling transformed
+                assert (after.mask, after.parity) == (layer.mask, layer.parity)
                 width = layer.net.stem.weight_v.shape[0]
                 double = 2 if layer.mask == "channel" else 1
                 assert width == features * 2**i * double

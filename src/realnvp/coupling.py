@@ -12,15 +12,11 @@ scalar ``scale`` per coupling, so exp(s) can never overflow (a NaN source in dee
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor, nn
 
 from .bijection import Bijection, sum_except_batch
-from .masks import checkerboard_mask
-
-MaskType = Literal["checkerboard", "channel"]
+from .masks import CheckerboardCache, MaskType, channel_halves
 
 
 class AffineCoupling(Bijection):
@@ -54,33 +50,18 @@ class AffineCoupling(Bijection):
         # The learned bound of s. It starts at 1 (not at 0 as in the official code's checkerboard
         # layers) because the net's last layer starts at zero: both at zero would freeze s.
         self.scale = nn.Parameter(torch.tensor(float(scale_init)))
-        self._mask_cache: dict[tuple, Tensor] = {}
+        self._masks = CheckerboardCache(parity)
         # Mixed precision of the s/t network only: None runs it in the input's dtype,
         # torch.bfloat16 under autocast (set by RealNVP.set_precision; a run-time option, not
         # part of the architecture, and not saved with the weights).
         self.st_autocast: torch.dtype | None = None
 
     def _checkerboard(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            # Filling the cache inside a compiled graph would invalidate that graph's guards
-            # (a recompilation on the next call); there the mask is a folded constant anyway.
-            return checkerboard_mask(
-                x.shape[-2], x.shape[-1], self.parity, device=x.device, dtype=x.dtype
-            )
-        key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
-        if key not in self._mask_cache:  # built once per spatial size, not at every step
-            # built outside inference mode, so a mask first made while evaluating can still
-            # take part in a later training step's autograd graph
-            with torch.inference_mode(False):
-                self._mask_cache[key] = checkerboard_mask(
-                    x.shape[-2], x.shape[-1], self.parity, device=x.device, dtype=x.dtype
-                )
-        return self._mask_cache[key]
+        return self._masks.mask(x)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        first = (x.shape[1] + 1) // 2
-        a, b = x[:, :first], x[:, first:]
-        return (a, b) if self.parity == 0 else (b, a)
+        passed, changed = channel_halves(x.shape[1], self.parity)
+        return x[:, passed], x[:, changed]
 
     def _merge(self, passed: Tensor, changed: Tensor) -> Tensor:
         return torch.cat([passed, changed] if self.parity == 0 else [changed, passed], dim=1)

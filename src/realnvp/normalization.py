@@ -1,7 +1,12 @@
 """Batch normalisation as a bijection (paper, section 3.7 and appendix E).
 
-Per channel, y = (x − μ) / √(σ² + ε), so log|det| = −½ Σ_c log(σ²_c + ε) · (positions per
-channel). In training μ, σ² are the batch's statistics (gradients flow through them) and the
+Per channel, y = (x − μ) / √(σ² + ε), so log|det| = −½ Σ_c log(σ²_c + ε) · (entries per
+channel and image). After a coupling layer only the entries it transformed are normalised
+(SPEC §1.5): the b = 0 positions of every channel after a checkerboard coupling, the
+transformed half of the channels after a channel-wise one; μ and σ² are those entries'
+statistics, the passed entries stay as they are and the log-determinant counts the normalised
+entries only. Without a mask every entry is normalised (this library before 2026-12-02). In
+training μ, σ² are the batch's statistics (gradients flow through them) and the
 running averages move towards them: running ← (1 − m) · running + m · batch, with m = 0.1
 (the official code's decay of 0.9). In evaluation and in the inverse, the running averages are
 used: the model in train mode and in eval mode are two different bijections.
@@ -20,12 +25,19 @@ from torch import Tensor
 
 from .bijection import Bijection
 from .distributed import batch_mean_var
+from .masks import CheckerboardCache, MaskType, channel_halves
 
 BatchNormMode = Literal["batch", "lagged"]
 
 
 class BatchNormFlow(Bijection):
-    """Per-channel batch normalisation of (N, C, H, W) or (N, C) tensors, no affine part."""
+    """Per-channel batch normalisation of (N, C, H, W) or (N, C) tensors, no affine part.
+
+    ``mask=None``: every entry. ``mask="checkerboard"`` or ``"channel"`` with ``parity``: only
+    the entries that an :class:`~realnvp.AffineCoupling` with that mask and parity transforms
+    (b = 0); the running averages then have one entry per normalised channel (all C for a
+    checkerboard, the transformed half for channel-wise masks).
+    """
 
     running_mean: Tensor
     running_var: Tensor
@@ -39,10 +51,23 @@ class BatchNormFlow(Bijection):
         momentum: float = 0.1,
         eps: float = 1e-4,
         mode: BatchNormMode = "batch",
+        mask: MaskType | None = None,
+        parity: int = 0,
     ) -> None:
         super().__init__()
         if mode not in ("batch", "lagged"):
             raise ValueError(f"batch norm mode must be 'batch' or 'lagged', got {mode!r}")
+        if mask not in (None, "checkerboard", "channel"):
+            raise ValueError(f"batch norm mask must be None, 'checkerboard' or 'channel', got "
+                             f"{mask!r}")
+        self.num_features = num_features
+        self.mask = mask
+        self.parity = parity
+        self._checkerboard = CheckerboardCache(parity)  # checks the parity
+        normalised = num_features
+        if mask == "channel":
+            _, changed = channel_halves(num_features, parity)
+            normalised = changed.stop - changed.start
         if not 0 < momentum <= 1:
             raise ValueError(f"batch norm momentum must be in (0, 1], got {momentum}")
         if not eps > 0:
@@ -50,22 +75,61 @@ class BatchNormFlow(Bijection):
         self.momentum = momentum
         self.eps = eps
         self.mode = mode
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("running_mean", torch.zeros(normalised))
+        self.register_buffer("running_var", torch.ones(normalised))
         # When False, training-mode calls use batch statistics but leave the running averages
         # alone (used when a step recomputes a forward pass, so they move once per step).
         self.update_running_stats = True
 
-    def _shape(self, x: Tensor) -> tuple[list[int], list[int], int]:
-        dims = [0] + list(range(2, x.dim()))
+    def _check_channels(self, x: Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"batch norm of {self.num_features} channels got a tensor of shape "
+                             f"{tuple(x.shape)}")
+        if self.mask == "checkerboard" and x.dim() != 4:
+            raise ValueError(f"a checkerboard batch norm needs (N, C, H, W) images, got a tensor "
+                             f"of shape {tuple(x.shape)}")
+
+    def _entries(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        """The entries this layer normalises and the dimensions to reduce over for their
+        per-channel statistics."""
+        self._check_channels(x)
+        if self.mask is None:
+            return x, [0] + list(range(2, x.dim()))
+        flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions)
+        if self.mask == "channel":
+            return flat[:, channel_halves(x.shape[1], self.parity)[1]], [0, 2]
+        return flat.index_select(2, self._checkerboard.transformed(x)), [0, 2]
+
+    def _count(self, x: Tensor) -> int:
+        """Normalised entries per channel and image: the positions, or the b = 0 ones."""
+        if self.mask == "checkerboard":
+            return self._checkerboard.transformed(x).numel()
+        return x[0, 0].numel()  # H · W for images, 1 for vectors
+
+    def _map(self, x: Tensor, mean: Tensor, log_std: Tensor, inverse: bool) -> Tensor:
+        """x with its normalised entries mapped to (x − mean) / exp(log_std), or back with
+        ``inverse``; the other entries unchanged."""
         view = [1, -1] + [1] * (x.dim() - 2)
-        positions = x[0, 0].numel()  # H · W for images, 1 for vectors
-        return dims, view, positions
+        mean, log_std = mean.view(view), log_std.view(view)
+
+        def affine(v: Tensor) -> Tensor:
+            if inverse:
+                return v * torch.exp(log_std) + mean
+            return (v - mean) * torch.exp(-log_std)
+
+        if self.mask == "channel":
+            changed = channel_halves(x.shape[1], self.parity)[1]
+            return torch.cat([x[:, :changed.start], affine(x[:, changed]),
+                              x[:, changed.stop:]], dim=1)
+        if self.mask == "checkerboard":  # b = 1: passed by the coupling, left alone here
+            return torch.where(self._checkerboard.mask(x, torch.bool), x, affine(x))
+        return affine(x)
 
     def statistics(
         self, x: Tensor, running: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The per-channel (mean, var), each (C,), that this layer normalises ``x`` with.
+        """The per-channel (mean, var) that this layer normalises ``x`` with, each with one entry
+        per normalised channel (C, or the transformed half after a channel-wise coupling).
 
         Eval mode: the running averages. Train mode: the batch's statistics (blended with the
         running averages in lagged mode), and the running averages move towards them unless
@@ -74,14 +138,16 @@ class BatchNormFlow(Bijection):
         passes the values they had then.
         """
         if not self.training:
+            self._check_channels(x)
             return self.running_mean, self.running_var
-        dims, _, _ = self._shape(x)
-        if self.mode == "batch" and not self.sync_stats and x.numel() <= x.shape[1]:
+        entries, dims = self._entries(x)
+        if (self.mode == "batch" and not self.sync_stats
+                and entries.numel() <= entries.shape[1]):
             # One value per channel: σ² = 0 maps every input to 0 with a log-det of −½ log ε.
             raise ValueError(f"batch norm in train mode needs more than one value per channel, "
                              f"got a batch of shape {tuple(x.shape)} (use a larger batch, "
                              "batch_norm='lagged', or eval mode)")
-        mean, var = batch_mean_var(x, dims, sync=self.sync_stats)
+        mean, var = batch_mean_var(entries, dims, sync=self.sync_stats)
         m = self.momentum
         if self.mode == "lagged":
             running_mean, running_var = running or (self.running_mean, self.running_var)
@@ -98,20 +164,19 @@ class BatchNormFlow(Bijection):
         return mean, var
 
     def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """y = (x − mean) / √(var + ε) per channel, and its log|det| (N,)."""
-        _, view, positions = self._shape(x)
+        """y = (x − mean) / √(var + ε) per channel on the normalised entries, and its log|det|
+        (N,)."""
+        self._check_channels(x)
         log_std = 0.5 * torch.log(var + self.eps)
-        y = (x - mean.view(view)) * torch.exp(-log_std).view(view)
-        logdet = -positions * log_std.sum()
-        return y, logdet.expand(x.shape[0]).to(x.dtype)
+        logdet = -self._count(x) * log_std.sum()
+        return self._map(x, mean, log_std, False), logdet.expand(x.shape[0]).to(x.dtype)
 
     def denormalize(self, y: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         """Inverse of :meth:`normalize` with the same statistics: x = y · √(var + ε) + mean."""
-        _, view, positions = self._shape(y)
+        self._check_channels(y)
         log_std = 0.5 * torch.log(var + self.eps)
-        x = y * torch.exp(log_std).view(view) + mean.view(view)
-        logdet = positions * log_std.sum()
-        return x, logdet.expand(y.shape[0]).to(y.dtype)
+        logdet = self._count(y) * log_std.sum()
+        return self._map(y, mean, log_std, True), logdet.expand(y.shape[0]).to(y.dtype)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.normalize(x, *self.statistics(x))

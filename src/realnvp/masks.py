@@ -61,11 +61,16 @@ def channel_halves(channels: int, parity: int) -> tuple[slice, slice]:
     return (head, tail) if parity == 0 else (tail, head)
 
 
+def checkerboard_passed(height: int, width: int, parity: int) -> int:
+    """How many of the H·W positions :func:`checkerboard_mask` marks 1: ⌈H·W/2⌉ for parity 0
+    (it holds the corner (0, 0)), ⌊H·W/2⌋ for parity 1."""
+    _check_parity(parity)
+    return (height * width + 1 - parity) // 2
+
+
 class CheckerboardCache:
-    """The checkerboard masks of one parity, built once per (H, W, device, dtype) and not at
-    every step. ``mask(x)`` is (1, 1, H, W) in x's dtype and device; ``transformed(x)`` the
-    flat indices (into H·W) of the b = 0 positions, which can select them without a host
-    sync (boolean indexing would read the count back)."""
+    """The checkerboard mask of one parity, (1, 1, H, W), built once per (H, W, device, dtype)
+    and not at every step."""
 
     def __init__(self, parity: int) -> None:
         _check_parity(parity)
@@ -73,29 +78,20 @@ class CheckerboardCache:
         self._masks: dict[tuple, Tensor] = {}
 
     def mask(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-        return self._get("mask", x, dtype or x.dtype)
-
-    def transformed(self, x: Tensor) -> Tensor:
-        return self._get("transformed", x, torch.long)
-
-    def _build(self, kind: str, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """The mask for x's spatial size and device, in ``dtype`` (default: x's)."""
+        dtype = dtype or x.dtype
         height, width = x.shape[-2], x.shape[-1]
-        if kind == "transformed":  # i·W + j for every (i, j) with (i + j) % 2 ≠ parity
-            return torch.tensor([i * width + j for i in range(height) for j in range(width)
-                                 if (i + j) % 2 != self.parity], device=x.device, dtype=dtype)
-        return checkerboard_mask(height, width, self.parity, device=x.device, dtype=dtype)
-
-    def _get(self, kind: str, x: Tensor, dtype: torch.dtype) -> Tensor:
         if torch.compiler.is_compiling():
             # Filling the cache inside a compiled graph would invalidate that graph's guards
             # (a recompilation on the next call); there the mask is a folded constant anyway.
-            return self._build(kind, x, dtype)
-        key = (kind, x.shape[-2], x.shape[-1], x.device, dtype)
+            return checkerboard_mask(height, width, self.parity, device=x.device, dtype=dtype)
+        key = (height, width, x.device, dtype)
         if key not in self._masks:
             # built outside inference mode, so a mask first made while evaluating can still
             # take part in a later training step's autograd graph
             with torch.inference_mode(False):
-                self._masks[key] = self._build(kind, x, dtype)
+                self._masks[key] = checkerboard_mask(height, width, self.parity,
+                                                     device=x.device, dtype=dtype)
         return self._masks[key]
 
 

@@ -1,11 +1,13 @@
 """Batch normalisation as a bijection (paper, section 3.7 and appendix E).
 
 Per channel, y = (x − μ) / √(σ² + ε), so log|det| = −½ Σ_c log(σ²_c + ε) · (entries per
-channel and image). After a coupling layer only the entries it transformed are normalised
-(SPEC §1.5): the b = 0 positions of every channel after a checkerboard coupling, the
-transformed half of the channels after a channel-wise one; μ and σ² are those entries'
-statistics, the passed entries stay as they are and the log-determinant counts the normalised
-entries only. Without a mask every entry is normalised (this library before 2026-12-02). In
+channel and image). After a coupling layer, as in the official code (SPEC §1.5), only the
+entries it transformed (b = 0) are normalised and counted in the log-determinant, and μ, σ²
+are the per-channel statistics of (1 − b) ⊙ x over every position, the passed entries counting
+as zeros (the official ``batch_norm_log_diff(res * (1 - mask))``). After a channel-wise coupling
+that is the transformed half of the channels with its own statistics; after a checkerboard
+coupling the b = 0 positions of every channel, with μ and σ² over all positions. Without a
+mask every entry is normalised (this library before 2026-12-02). In
 training μ, σ² are the batch's statistics (gradients flow through them) and the
 running averages move towards them: running ← (1 − m) · running + m · batch, with m = 0.1
 (the official code's decay of 0.9). In evaluation and in the inverse, the running averages are
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from .bijection import Bijection
 from .distributed import batch_mean_var
-from .masks import CheckerboardCache, MaskType, channel_halves
+from .masks import CheckerboardCache, MaskType, channel_halves, checkerboard_passed
 
 BatchNormMode = Literal["batch", "lagged"]
 
@@ -35,8 +37,8 @@ class BatchNormFlow(Bijection):
 
     ``mask=None``: every entry. ``mask="checkerboard"`` or ``"channel"`` with ``parity``: only
     the entries that an :class:`~realnvp.AffineCoupling` with that mask and parity transforms
-    (b = 0); the running averages then have one entry per normalised channel (all C for a
-    checkerboard, the transformed half for channel-wise masks).
+    (b = 0), with the statistics of (1 − b) ⊙ x; the running averages then have one entry per
+    normalised channel (all C for a checkerboard, the transformed half for channel-wise masks).
     """
 
     running_mean: Tensor
@@ -90,21 +92,22 @@ class BatchNormFlow(Bijection):
                              f"of shape {tuple(x.shape)}")
 
     def _entries(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        """The entries this layer normalises and the dimensions to reduce over for their
-        per-channel statistics."""
+        """The tensor whose per-channel statistics this layer normalises with, and the
+        dimensions those statistics reduce over (batch and positions)."""
         self._check_channels(x)
-        if self.mask is None:
-            return x, [0] + list(range(2, x.dim()))
-        flat = x.reshape(x.shape[0], x.shape[1], -1)  # (N, C, positions)
-        if self.mask == "channel":
-            return flat[:, channel_halves(x.shape[1], self.parity)[1]], [0, 2]
-        return flat.index_select(2, self._checkerboard.transformed(x)), [0, 2]
+        dims = [0] + list(range(2, x.dim()))
+        if self.mask == "channel":  # the transformed half of the channels
+            return x[:, channel_halves(x.shape[1], self.parity)[1]], dims
+        if self.mask == "checkerboard":  # (1 − b) ⊙ x: passed positions count as zeros
+            return torch.where(self._checkerboard.mask(x, torch.bool), 0, x), dims
+        return x, dims
 
     def _count(self, x: Tensor) -> int:
         """Normalised entries per channel and image: the positions, or the b = 0 ones."""
+        positions = x[0, 0].numel()  # H · W for images, 1 for vectors
         if self.mask == "checkerboard":
-            return self._checkerboard.transformed(x).numel()
-        return x[0, 0].numel()  # H · W for images, 1 for vectors
+            return positions - checkerboard_passed(x.shape[-2], x.shape[-1], self.parity)
+        return positions
 
     def _map(self, x: Tensor, mean: Tensor, log_std: Tensor, inverse: bool) -> Tensor:
         """x with its normalised entries mapped to (x − mean) / exp(log_std), or back with

@@ -173,16 +173,12 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env,
     rank × batch 16: the loss, the gradients, the parameters after the Adam step, the running
     statistics and the validation bits/dim (41 images in uneven shards, gathered).
 
-    float32: loss and gradients within 1e-5 (measured ≤ 4e-6), running statistics within 1e-4
-    relative (measured 6e-6 to 2.5e-5: PyTorch's channels-last batch norm sums in float32). Not
-    the parameters nor, through them, the validation: Adam's first step, lr·g/(|g| + 1e-8),
-    turns rounding-level differences of gradients that are zero in exact arithmetic into
-    parameter changes of up to 2·lr. The t-half of every output convolution's bias is such a
-    parameter: the flow's batch norm after the coupling subtracts the mean of exactly the
-    entries t shifts, so a constant shift cancels (gradients ~1e-6 of which ~3e-7 is rounding;
-    measured parameter differences 1.8e-3, valid bits/dim 2e-3 to 6e-3 in float32). float64
-    shows it is the same function: everything, parameters and validation included, within
-    1e-5 (measured ≤ 3e-11), also with the memory-saving modes. Without synchronisation the ranks
+    float32: loss and gradients within 1e-5 (measured ≤ 1e-6), running statistics within 3e-5
+    relative (measured 6e-6: PyTorch's channels-last batch norm sums in float32). Not the
+    parameters: Adam's first step, lr·g/(|g| + 1e-8), turns rounding-level differences of
+    near-zero gradients (~2e-7 on gradients of ~2e-6) into parameter changes of up to ~1.5e-5.
+    float64 shows it is the same function: everything, parameters included, within 1e-5
+    (measured ≤ 3e-11), also with the memory-saving modes. Without synchronisation the ranks
     still end with equal (averaged) running statistics, but compute another function.
     """
     out = tmp_path / "out"
@@ -209,7 +205,7 @@ def test_two_ranks_match_one_rank_with_twice_the_batch(tmp_path, one_thread_env,
             assert differences[0] > 1e-4 and differences[3] > 1e-4
             continue
         loss, valid, gradients, statistics, parameters = differences
-        assert loss < 1e-5 and gradients < 1e-5 and statistics < 1e-4
+        assert loss < 1e-5 and gradients < 1e-5 and statistics < 3e-5 and valid < 1e-4
         if dtype == torch.float64:
             assert parameters < 1e-5 and valid < 1e-5
     checkpoint = load_checkpoint(tmp_path / "two" / "float32" / "checkpoints" / "ckpt-0000001.pt")

@@ -56,6 +56,8 @@ LAYERS = [
     ("batchnorm-checkerboard-0", lambda: BatchNormFlow(3, mask="checkerboard"), (3, 3, 3)),
     ("batchnorm-checkerboard-1",
      lambda: BatchNormFlow(3, mask="checkerboard", parity=1, mode="lagged"), (3, 3, 3)),
+    ("batchnorm-checkerboard-official",
+     lambda: BatchNormFlow(3, mask="checkerboard", parity=1, zeros_in_stats=True), (3, 3, 3)),
     ("batchnorm-channel-0", lambda: BatchNormFlow(4, mask="channel"), (4, 2, 2)),
     ("batchnorm-channel-odd-1", lambda: BatchNormFlow(3, mask="channel", parity=1), (3, 2, 2)),
     ("batchnorm-vector-channel-1", lambda: BatchNormFlow(5, mask="channel", parity=1), (5,)),
@@ -186,30 +188,35 @@ def test_batchnorm_train_uses_batch_statistics_and_updates_running():
     assert torch.allclose(bn.inverse(z)[0], x)
 
 
+@pytest.mark.parametrize("zeros", [False, True])
 @pytest.mark.parametrize("mode", ["batch", "lagged"])
 @pytest.mark.parametrize("parity", [0, 1])
-def test_masked_batchnorm_normalises_only_what_the_coupling_transformed(parity, mode):
-    """SPEC §1.5, as the official code does it: after a checkerboard coupling the b = 0
-    positions of each channel are normalised with the statistics of (1 − b) ⊙ x over every
-    position (the passed ones counting as zeros) and the passed b = 1 entries are left alone;
-    the log-det counts the normalised entries only (5 of a 3×3 image's 9 for parity 1, 4 for
-    parity 0)."""
+def test_masked_batchnorm_normalises_only_what_the_coupling_transformed(parity, mode, zeros):
+    """SPEC §1.5: after a checkerboard coupling the b = 0 positions of each channel are
+    normalised and the passed b = 1 entries are left alone; the log-det counts the normalised
+    entries only (5 of a 3×3 image's 9 for parity 1, 4 for parity 0). Statistics: of the
+    b = 0 entries alone, or (``zeros_in_stats``, the official code) of (1 − b) ⊙ x over all
+    9 positions."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64, 2, 3, 3, generator=g, dtype=torch.float64) * 3 + 5
     x[:, :, 0, 0] += 100  # a passed position (parity 0) far off: must not enter the statistics
-    bn = BatchNormFlow(2, mask="checkerboard", parity=parity, mode=mode).double().train()
+    bn = BatchNormFlow(2, mask="checkerboard", parity=parity, mode=mode,
+                       zeros_in_stats=zeros).double().train()
     y, logdet = bn(x)
     b = checkerboard_mask(3, 3, parity, dtype=torch.bool)[0, 0]
     assert torch.equal(y[:, :, b], x[:, :, b])  # passed entries: bit for bit
-    masked = x * ~b  # (1 − b) ⊙ x
-    var, mean = torch.var_mean(masked, dim=(0, 2, 3), unbiased=False)  # (C,), zeros included
-    by_hand = masked.sum((0, 2, 3)) / (64 * 9)
-    assert torch.allclose(mean, by_hand)
-    assert torch.allclose(var, (masked - by_hand.view(1, -1, 1, 1)).square().mean((0, 2, 3)))
     count = int((~b).sum())
     assert count == (5 if parity == 1 else 4)
+    if zeros:  # by hand: sums over every position, the passed ones as zeros
+        masked = x * ~b
+        mean = masked.sum((0, 2, 3)) / (64 * 9)
+        var = (masked - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3)) / (64 * 9)
+    else:
+        var, mean = torch.var_mean(x[:, :, ~b], dim=(0, 2), unbiased=False)  # b = 0 only
     if mode == "lagged":
         mean, var = 0.1 * mean, 0.9 + 0.1 * var
+    elif not zeros:
+        assert y[:, :, ~b].mean(dim=(0, 2)).abs().max() < 1e-10
     std = torch.sqrt(var + 1e-4)
     assert torch.allclose(y[:, :, ~b], (x[:, :, ~b] - mean[:, None]) / std[:, None])
     assert torch.allclose(logdet, (-count * torch.log(std).sum()).expand(64))
@@ -259,6 +266,8 @@ def test_layers_refuse_bad_settings_and_degenerate_batches():
         BatchNormFlow(3, mask="checker")
     with pytest.raises(ValueError, match="parity must be 0 or 1"):
         BatchNormFlow(3, mask="checkerboard", parity=2)
+    with pytest.raises(ValueError, match="zeros_in_stats is the official code's statistics"):
+        BatchNormFlow(3, mask="channel", zeros_in_stats=True)
     with pytest.raises(ValueError, match="checkerboard batch norm needs"):
         BatchNormFlow(3, mask="checkerboard")(torch.randn(4, 3))
     # One value per channel: the batch variance is 0 and every input would map to 0.

@@ -39,7 +39,10 @@ MODELS = [
     ("3x8x8", lambda: small_image_model((3, 8, 8), 2)),
     ("3x8x8-official", lambda: small_image_model((3, 8, 8), 2, shift_then_scale=True,
                                                  logit_form="official", batch_norm="lagged")),
-    ("3x8x8-bn-all-entries", lambda: small_image_model((3, 8, 8), 2, bn_entries="all")),
+    ("3x8x8-bn-transformed", lambda: small_image_model((3, 8, 8), 2, bn_entries="transformed")),
+    ("3x8x8-bn-official", lambda: small_image_model((3, 8, 8), 2, bn_entries="official",
+                                                    batch_norm="lagged")),
+    ("1x8x8-bn-official", lambda: small_image_model((1, 8, 8), 2, bn_entries="official")),
     ("vector-8", lambda: RealNVP(RealNVPConfig(input_shape=(8,), coupling_layers=4,
                                                features=16, res_blocks=2))),
 ]
@@ -362,13 +365,13 @@ def test_save_load_roundtrip_and_config_mismatch(tmp_path):
     assert not RealNVP.load(path).training  # ready to evaluate with its running statistics
 
 
-def test_models_saved_before_bn_entries_load_as_they_were(tmp_path):
-    """A config saved before ``bn_entries`` existed (batch norms then normalised every entry)
-    rebuilds that model, not today's default (SPEC §1.5's transformed entries only); a new
-    config without the field gets the default."""
+def test_bn_entries_choose_different_models_and_old_configs_load_as_all(tmp_path):
+    """A config saved before ``bn_entries`` existed (every batch norm then normalised every
+    entry) rebuilds that model: the default is "all". The three choices are three models:
+    the same weights give three densities in train mode."""
     from realnvp.train import TrainConfig, read_config, write_config
 
-    old = perturb(small_image_model((3, 8, 8), 2, bn_entries="all"), seed=11).eval()
+    old = perturb(small_image_model((3, 8, 8), 2), seed=11).eval()
     payload = {"format": "realnvp-model", "version": 1,
                "config": {k: v for k, v in old.config.to_dict().items() if k != "bn_entries"},
                "state_dict": old.state_dict()}
@@ -382,16 +385,35 @@ def test_models_saved_before_bn_entries_load_as_they_were(tmp_path):
     (tmp_path / "config.toml").write_text(text.replace('bn_entries = "all"\n', ""))
     assert "bn_entries" not in (tmp_path / "config.toml").read_text()
     assert read_config(tmp_path / "config.toml")[0].bn_entries == "all"
-    assert RealNVPConfig().bn_entries == "transformed"
-    # the two are different models: the same weights give another density in train mode
-    new = small_image_model((3, 8, 8), 2)
-    mine = new.state_dict()  # the same weights; the channel norms' buffers differ in size
-    new.load_state_dict({k: v for k, v in old.state_dict().items()
-                         if v.shape == mine[k].shape}, strict=False)
-    with torch.no_grad():
-        assert not torch.allclose(new.train().log_prob(x), old.train().log_prob(x))
-    with pytest.raises(ValueError, match="bn_entries must be transformed or all"):
+    densities = [old.train().log_prob(x).detach()]
+    for entries in ("transformed", "official"):
+        other = small_image_model((3, 8, 8), 2, bn_entries=entries)
+        mine = other.state_dict()  # the same weights; the channel norms' buffers are smaller
+        other.load_state_dict({k: v for k, v in old.state_dict().items()
+                               if v.shape == mine[k].shape}, strict=False)
+        densities.append(other.train().log_prob(x).detach())
+    for i in range(3):
+        for j in range(i):
+            assert not torch.allclose(densities[i], densities[j])
+    with pytest.raises(ValueError, match="bn_entries must be all, transformed or official"):
         RealNVPConfig(bn_entries="some")
+
+
+@pytest.mark.parametrize("entries", ["transformed", "official"])
+def test_masked_batch_norms_follow_their_couplings(entries):
+    """bn_entries="transformed" / "official": every batch norm has its coupling's mask and
+    parity; the official statistics (zeros included) only after checkerboard couplings."""
+    from realnvp import AffineCoupling, BatchNormFlow
+
+    model = small_image_model((3, 8, 8), 2, bn_entries=entries)
+    pairs = [(a, b) for scale in model.scales for a, b in zip(scale.layers, scale.layers[1:])
+             if isinstance(a, AffineCoupling)]
+    assert len(pairs) == 10 and all(isinstance(b, BatchNormFlow) for _, b in pairs)
+    for coupling, norm in pairs:
+        assert (norm.mask, norm.parity) == (coupling.mask, coupling.parity)
+        assert norm.zeros_in_stats == (entries == "official" and coupling.mask == "checkerboard")
+        half = coupling.mask == "channel"
+        assert norm.running_mean.numel() == norm.num_features // (2 if half else 1)
 
 
 def test_sampling_other_sizes_and_temperature():
@@ -520,8 +542,7 @@ def test_presets_and_the_order_of_their_couplings(name, scales, blocks, features
         for layer, after in zip(layers, layers[1:] + [None]):
             if isinstance(layer, AffineCoupling):
                 assert isinstance(after, BatchNormFlow)
-                # SPEC §1.5: it normalises only what this coupling transformed
-                assert (after.mask, after.parity) == (layer.mask, layer.parity)
+                assert after.mask is None  # bn_entries="all": the whole output
                 width = layer.net.stem.weight_v.shape[0]
                 double = 2 if layer.mask == "channel" else 1
                 assert width == features * 2**i * double

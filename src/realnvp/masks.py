@@ -69,30 +69,43 @@ def checkerboard_passed(height: int, width: int, parity: int) -> int:
 
 
 class CheckerboardCache:
-    """The checkerboard mask of one parity, (1, 1, H, W), built once per (H, W, device, dtype)
-    and not at every step."""
+    """The checkerboard mask of one parity, built once per (H, W, device, dtype) and not at
+    every step: ``mask(x)`` (1, 1, H, W), and ``transformed(x)`` the flat indices i·W + j of its
+    b = 0 positions, which select them without a host sync (boolean indexing would read the
+    count back)."""
 
     def __init__(self, parity: int) -> None:
         _check_parity(parity)
         self.parity = parity
-        self._masks: dict[tuple, Tensor] = {}
+        self._built: dict[tuple, Tensor] = {}
 
     def mask(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """The mask for x's spatial size and device, in ``dtype`` (default: x's)."""
-        dtype = dtype or x.dtype
+        return self._get("mask", x, dtype or x.dtype)
+
+    def transformed(self, x: Tensor) -> Tensor:
+        """(H·W − passed,) int64 indices of the b = 0 positions, ascending."""
+        return self._get("transformed", x, torch.long)
+
+    def _build(self, kind: str, x: Tensor, dtype: torch.dtype) -> Tensor:
         height, width = x.shape[-2], x.shape[-1]
+        if kind == "transformed":
+            return torch.tensor([i * width + j for i in range(height) for j in range(width)
+                                 if (i + j) % 2 != self.parity], device=x.device, dtype=dtype)
+        return checkerboard_mask(height, width, self.parity, device=x.device, dtype=dtype)
+
+    def _get(self, kind: str, x: Tensor, dtype: torch.dtype) -> Tensor:
         if torch.compiler.is_compiling():
             # Filling the cache inside a compiled graph would invalidate that graph's guards
             # (a recompilation on the next call); there the mask is a folded constant anyway.
-            return checkerboard_mask(height, width, self.parity, device=x.device, dtype=dtype)
-        key = (height, width, x.device, dtype)
-        if key not in self._masks:
+            return self._build(kind, x, dtype)
+        key = (kind, x.shape[-2], x.shape[-1], x.device, dtype)
+        if key not in self._built:
             # built outside inference mode, so a mask first made while evaluating can still
             # take part in a later training step's autograd graph
             with torch.inference_mode(False):
-                self._masks[key] = checkerboard_mask(height, width, self.parity,
-                                                     device=x.device, dtype=dtype)
-        return self._masks[key]
+                self._built[key] = self._build(kind, x, dtype)
+        return self._built[key]
 
 
 def _check_parity(parity: int) -> None:

@@ -84,10 +84,11 @@ class RealNVPConfig:
     label_kind:       "class" (labels are int indices) or "attributes" (float {0,1} vectors).
     shift_then_scale: the official code's coupling y = (x + t)·exp(s) instead of x·exp(s) + t.
     batch_norm:       "batch" (batch statistics in training), "lagged" (appendix E) or "none".
-    bn_entries:       "transformed": each batch norm normalises only the entries the coupling
-                      before it transformed (SPEC §1.5); "all": every entry
-                      (what this library did before 2026-12-02, and what a config saved then
-                      describes).
+    bn_entries:       which entries each batch norm normalises: "all" of the coupling's output
+                      (the paper's text), "transformed" only those the coupling before it
+                      transformed, with their own statistics (SPEC §1.5), or "official" the
+                      same entries with the official code's statistics (of (1 − b) ⊙ y, the
+                      passed entries counting as zeros).
     bn_momentum:      weight of the batch in the running averages (official decay 0.9 → 0.1).
     bn_eps:           ε of the flow's batch normalisation.
     logit_alpha:      α of the logit preprocessing.
@@ -103,7 +104,7 @@ class RealNVPConfig:
     label_kind: Literal["class", "attributes"] = "class"
     shift_then_scale: bool = False
     batch_norm: Literal["batch", "lagged", "none"] = "batch"
-    bn_entries: Literal["transformed", "all"] = "transformed"
+    bn_entries: Literal["all", "transformed", "official"] = "all"
     bn_momentum: float = 0.1
     bn_eps: float = 1e-4
     logit_alpha: float = 0.05
@@ -123,8 +124,9 @@ class RealNVPConfig:
             raise ValueError(f"label_kind must be 'class' or 'attributes', got {self.label_kind!r}")
         if self.batch_norm not in ("batch", "lagged", "none"):
             raise ValueError(f"batch_norm must be batch, lagged or none, got {self.batch_norm!r}")
-        if self.bn_entries not in ("transformed", "all"):
-            raise ValueError(f"bn_entries must be transformed or all, got {self.bn_entries!r}")
+        if self.bn_entries not in ("all", "transformed", "official"):
+            raise ValueError(f"bn_entries must be all, transformed or official, got "
+                             f"{self.bn_entries!r}")
         if not (0 < self.bn_momentum <= 1 and 0 < self.bn_eps < math.inf):
             raise ValueError(f"need 0 < bn_momentum <= 1 and bn_eps > 0, got bn_momentum="
                              f"{self.bn_momentum}, bn_eps={self.bn_eps}")
@@ -149,16 +151,6 @@ class RealNVPConfig:
     def from_dict(cls, d: dict[str, Any]) -> RealNVPConfig:
         return dataclass_from_dict(cls, d)
 
-    @classmethod
-    def from_saved(cls, d: dict[str, Any]) -> RealNVPConfig:
-        """The config of a saved model or run (:meth:`to_dict` of any version): a field added
-        since takes the value that rebuilds the model it was saved from, not today's default."""
-        return cls.from_dict({**SAVED_BEFORE_FIELD, **d})
-
-
-# Fields added after models were first saved, with the value every earlier model had.
-SAVED_BEFORE_FIELD: dict[str, Any] = {"bn_entries": "all"}
-
 
 def _entry(payload: dict, key: str, path: str | Path) -> Any:
     if key not in payload:
@@ -170,7 +162,7 @@ def config_from_payload(payload: dict, path: str | Path) -> RealNVPConfig:
     """The model config a model file or checkpoint recorded, as a CheckpointError naming the
     file if it is missing or invalid."""
     try:
-        return RealNVPConfig.from_saved(_entry(payload, "config", path))
+        return RealNVPConfig.from_dict(_entry(payload, "config", path))
     except (TypeError, ValueError, AttributeError) as error:
         raise CheckpointError(f"{path}: its model config is not valid ({error})") from error
 
@@ -314,9 +306,11 @@ class RealNVP(nn.Module):
             AffineCoupling(net, mask, parity, shift_then_scale=c.shift_then_scale)  # type: ignore[arg-type]
         ]
         if c.batch_norm != "none":
-            layers.append(BatchNormFlow(  # SPEC §1.5: only what the coupling transformed
+            masked = c.bn_entries != "all"  # SPEC §1.5: only what the coupling transformed
+            layers.append(BatchNormFlow(
                 channels, momentum=c.bn_momentum, eps=c.bn_eps, mode=c.batch_norm,
-                mask=mask if c.bn_entries == "transformed" else None, parity=parity,  # type: ignore[arg-type]
+                mask=mask if masked else None, parity=parity,  # type: ignore[arg-type]
+                zeros_in_stats=c.bn_entries == "official" and mask == "checkerboard",
             ))
         return layers
 

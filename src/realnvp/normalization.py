@@ -1,13 +1,14 @@
 """Batch normalisation as a bijection (paper, section 3.7 and appendix E).
 
 Per channel, y = (x − μ) / √(σ² + ε), so log|det| = −½ Σ_c log(σ²_c + ε) · (entries per
-channel and image). After a coupling layer, as in the official code (SPEC §1.5), only the
-entries it transformed (b = 0) are normalised and counted in the log-determinant, and μ, σ²
-are the per-channel statistics of (1 − b) ⊙ x over every position, the passed entries counting
-as zeros (the official ``batch_norm_log_diff(res * (1 - mask))``). After a channel-wise coupling
-that is the transformed half of the channels with its own statistics; after a checkerboard
-coupling the b = 0 positions of every channel, with μ and σ² over all positions. Without a
-mask every entry is normalised (this library before 2026-12-02). In
+channel and image). By default every entry of the coupling's output is normalised (the paper:
+batch normalisation of the coupling layer's output). With the mask and parity of the coupling
+before it, only the entries that coupling transformed (b = 0) are normalised and counted in the
+log-determinant, the passed ones left alone (SPEC §1.5): after a channel-wise coupling the
+transformed half of the channels with its own statistics; after a checkerboard coupling the
+b = 0 positions of every channel, with μ and σ² either of those entries alone or, as the
+official code computes them (``batch_norm_log_diff(res * (1 - mask))``), of (1 − b) ⊙ x over
+every position, the passed entries counting as zeros (``zeros_in_stats``). In
 training μ, σ² are the batch's statistics (gradients flow through them) and the
 running averages move towards them: running ← (1 − m) · running + m · batch, with m = 0.1
 (the official code's decay of 0.9). In evaluation and in the inverse, the running averages are
@@ -37,8 +38,10 @@ class BatchNormFlow(Bijection):
 
     ``mask=None``: every entry. ``mask="checkerboard"`` or ``"channel"`` with ``parity``: only
     the entries that an :class:`~realnvp.AffineCoupling` with that mask and parity transforms
-    (b = 0), with the statistics of (1 − b) ⊙ x; the running averages then have one entry per
-    normalised channel (all C for a checkerboard, the transformed half for channel-wise masks).
+    (b = 0), with their own statistics, or with those of (1 − b) ⊙ x over every position if
+    ``zeros_in_stats`` (the official code; checkerboard masks only, for channel masks the two
+    are the same). The running averages have one entry per normalised channel (all C for a
+    checkerboard, the transformed half for channel-wise masks).
     """
 
     running_mean: Tensor
@@ -55,6 +58,7 @@ class BatchNormFlow(Bijection):
         mode: BatchNormMode = "batch",
         mask: MaskType | None = None,
         parity: int = 0,
+        zeros_in_stats: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("batch", "lagged"):
@@ -62,9 +66,13 @@ class BatchNormFlow(Bijection):
         if mask not in (None, "checkerboard", "channel"):
             raise ValueError(f"batch norm mask must be None, 'checkerboard' or 'channel', got "
                              f"{mask!r}")
+        if zeros_in_stats and mask != "checkerboard":
+            raise ValueError("zeros_in_stats is the official code's statistics after a "
+                             "checkerboard coupling; give mask='checkerboard'")
         self.num_features = num_features
         self.mask = mask
         self.parity = parity
+        self.zeros_in_stats = zeros_in_stats
         self._checkerboard = CheckerboardCache(parity)  # checks the parity
         normalised = num_features
         if mask == "channel":
@@ -98,8 +106,11 @@ class BatchNormFlow(Bijection):
         dims = [0] + list(range(2, x.dim()))
         if self.mask == "channel":  # the transformed half of the channels
             return x[:, channel_halves(x.shape[1], self.parity)[1]], dims
-        if self.mask == "checkerboard":  # (1 − b) ⊙ x: passed positions count as zeros
+        if self.mask == "checkerboard" and self.zeros_in_stats:  # (1 − b) ⊙ x, every position
             return torch.where(self._checkerboard.mask(x, torch.bool), 0, x), dims
+        if self.mask == "checkerboard":  # the b = 0 positions only: (N, C, H·W − passed)
+            flat = x.reshape(x.shape[0], x.shape[1], -1)
+            return flat.index_select(2, self._checkerboard.transformed(x)), [0, 2]
         return x, dims
 
     def _count(self, x: Tensor) -> int:

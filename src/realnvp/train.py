@@ -241,7 +241,7 @@ def read_config(path: str | Path) -> tuple[RealNVPConfig, TrainConfig]:
     """Read a run's ``config.toml`` (sections [model] and [train]); unset fields get their
     defaults."""
     model, train = read_config_tables(path)
-    return RealNVPConfig.from_saved(model), TrainConfig.from_dict(train)
+    return RealNVPConfig.from_dict(model), TrainConfig.from_dict(train)
 
 
 def run_configs(path: str | Path) -> tuple[RealNVPConfig, TrainConfig] | None:
@@ -278,7 +278,7 @@ def checkpoint_configs(payload: dict) -> tuple[RealNVPConfig, TrainConfig] | Non
     """(model, training) configuration a checkpoint recorded; None for a model file."""
     if "train_config" not in payload:
         return None
-    return (RealNVPConfig.from_saved(payload["config"]),
+    return (RealNVPConfig.from_dict(payload["config"]),
             TrainConfig.from_dict(payload["train_config"]))
 
 

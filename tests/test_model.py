@@ -399,6 +399,27 @@ def test_bn_entries_choose_different_models_and_old_configs_load_as_all(tmp_path
         RealNVPConfig(bn_entries="some")
 
 
+@pytest.mark.parametrize("batch_norm", ["batch", "lagged"])
+@pytest.mark.parametrize("entries", ["all", "transformed", "official"])
+def test_masked_batch_norm_after_a_coupling_that_transformed_nothing(entries, batch_norm):
+    """A 4×4 image with 3 scales ends at 1×1, where a parity-0 checkerboard coupling passes the
+    only position: its batch norm then normalises nothing and is the identity (log-det 0), in
+    train mode too, instead of taking the statistics of an empty batch (NaN) or refusing."""
+    from realnvp import BatchNormFlow
+
+    model = small_image_model((3, 4, 4), 3, bn_entries=entries, batch_norm=batch_norm)
+    x = pixels((3, 4, 4), 8, torch.float32)
+    model.train().log_prob(x).mean().backward()
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    last = [m for m in model.scales[-1].modules() if isinstance(m, BatchNormFlow)]
+    z = torch.randn(8, 12, 1, 1)
+    for norm in last:
+        if norm.mask == "checkerboard" and norm.parity == 0:
+            y, logdet = norm.train()(z)
+            assert torch.equal(y, z) and torch.equal(logdet, torch.zeros(8))
+
+
 @pytest.mark.parametrize("entries", ["transformed", "official"])
 def test_masked_batch_norms_follow_their_couplings(entries):
     """bn_entries="transformed" / "official": every batch norm has its coupling's mask and

@@ -151,8 +151,10 @@ class BatchNormFlow(Bijection):
         blend starts from: a recomputation of an earlier forward pass (:mod:`realnvp.memory`)
         passes the values they had then.
         """
-        if not self.training:
-            self._check_channels(x)
+        self._check_channels(x)
+        if not self.training or self._count(x) == 0:
+            # count 0: after a parity-0 checkerboard coupling on a 1 × 1 image nothing was
+            # transformed, so this layer is the identity (and an empty batch has no statistics)
             return self.running_mean, self.running_var
         entries, dims = self._entries(x)
         if (self.mode == "batch" and not self.sync_stats

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .bijection import Bijection, sum_except_batch
-from .masks import CheckerboardCache, MaskType, channel_halves
+from .masks import CheckerboardCache, MaskType, merge_channels, split_channels
 
 
 class AffineCoupling(Bijection):
@@ -60,11 +60,10 @@ class AffineCoupling(Bijection):
         return self._masks.mask(x)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        passed, changed = channel_halves(x.shape[1], self.parity)
-        return x[:, passed], x[:, changed]
+        return split_channels(x, self.parity)
 
     def _merge(self, passed: Tensor, changed: Tensor) -> Tensor:
-        return torch.cat([passed, changed] if self.parity == 0 else [changed, passed], dim=1)
+        return merge_channels(passed, changed, self.parity)
 
     def conditioner(self, x: Tensor) -> Tensor:
         """The part of x that passes through unchanged and is all that s and t see: b ⊙ x

@@ -61,6 +61,17 @@ def channel_halves(channels: int, parity: int) -> tuple[slice, slice]:
     return (head, tail) if parity == 0 else (tail, head)
 
 
+def split_channels(x: Tensor, parity: int) -> tuple[Tensor, Tensor]:
+    """(passed, transformed) halves of dimension 1 of x (:func:`channel_halves`)."""
+    passed, changed = channel_halves(x.shape[1], parity)
+    return x[:, passed], x[:, changed]
+
+
+def merge_channels(passed: Tensor, changed: Tensor, parity: int) -> Tensor:
+    """Inverse of :func:`split_channels`: the two halves back in their order."""
+    return torch.cat([passed, changed] if parity == 0 else [changed, passed], dim=1)
+
+
 def checkerboard_passed(height: int, width: int, parity: int) -> int:
     """How many of the H·W positions :func:`checkerboard_mask` marks 1: ⌈H·W/2⌉ for parity 0
     (it holds the corner (0, 0)), ⌊H·W/2⌋ for parity 1."""

@@ -28,7 +28,14 @@ from torch import Tensor
 
 from .bijection import Bijection
 from .distributed import batch_mean_var
-from .masks import CheckerboardCache, MaskType, channel_halves, checkerboard_passed
+from .masks import (
+    CheckerboardCache,
+    MaskType,
+    channel_halves,
+    checkerboard_passed,
+    merge_channels,
+    split_channels,
+)
 
 BatchNormMode = Literal["batch", "lagged"]
 
@@ -102,10 +109,9 @@ class BatchNormFlow(Bijection):
     def _entries(self, x: Tensor) -> tuple[Tensor, list[int]]:
         """The tensor whose per-channel statistics this layer normalises with, and the
         dimensions those statistics reduce over (batch and positions)."""
-        self._check_channels(x)
         dims = [0] + list(range(2, x.dim()))
         if self.mask == "channel":  # the transformed half of the channels
-            return x[:, channel_halves(x.shape[1], self.parity)[1]], dims
+            return split_channels(x, self.parity)[1], dims
         if self.mask == "checkerboard" and self.zeros_in_stats:  # (1 − b) ⊙ x, every position
             return torch.where(self._checkerboard.mask(x, torch.bool), 0, x), dims
         if self.mask == "checkerboard":  # the b = 0 positions only: (N, C, H·W − passed)
@@ -132,9 +138,8 @@ class BatchNormFlow(Bijection):
             return (v - mean) * torch.exp(-log_std)
 
         if self.mask == "channel":
-            changed = channel_halves(x.shape[1], self.parity)[1]
-            return torch.cat([x[:, :changed.start], affine(x[:, changed]),
-                              x[:, changed.stop:]], dim=1)
+            passed, changed = split_channels(x, self.parity)
+            return merge_channels(passed, affine(changed), self.parity)
         if self.mask == "checkerboard":  # b = 1: passed by the coupling, left alone here
             return torch.where(self._checkerboard.mask(x, torch.bool), x, affine(x))
         return affine(x)

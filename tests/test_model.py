@@ -94,14 +94,14 @@ def test_cifar10_preset_train_step_and_sample():
     # Parameter count stated in the README.
     assert model.num_parameters() == 19_741_820
     model.train()
-    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)  # batch 64: 57 s on Zen 1
     loss = model.bits_per_dim(x).mean()
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
-    samples = model.sample(64)
-    assert samples.shape == (64, 3, 32, 32)
+    samples = model.sample(16)
+    assert samples.shape == (16, 3, 32, 32)
     assert torch.isfinite(samples).all() and samples.min() >= 0 and samples.max() <= 1
     assert model.training  # sample() leaves the mode as it was
 

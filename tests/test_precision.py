@@ -15,10 +15,10 @@ from realnvp.networks import ResNet, WeightNormConv2d
 
 @pytest.fixture(scope="module")
 def cifar_images(shared_data) -> torch.Tensor:
-    """The first 64 test images of the lossless CIFAR-10 subset, (64, 3, 32, 32) uint8."""
+    """The first 32 test images of the lossless CIFAR-10 subset, (32, 3, 32, 32) uint8."""
     with np.load(shared_data / "cifar10" / "cifar10_lossless_subset.npz") as f:
-        x = f["x_test"][:64]
-    assert x.shape == (64, 32, 32, 3) and x.dtype == np.uint8
+        x = f["x_test"][:32]
+    assert x.shape == (32, 32, 32, 3) and x.dtype == np.uint8
     return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
 
 
@@ -52,8 +52,9 @@ def test_bf16_bits_per_dim_matches_fp32_on_cifar10(cifar_images):
     assert (bf16 - fp32).abs().max() > 0
     assert (bf16.mean() - fp32.mean()).abs() <= 0.01, (bf16.mean(), fp32.mean())
     assert (bf16 - fp32).abs().max() <= 0.01, (bf16 - fp32).abs().max()
-    # decode(encode(x)) is less exact in bf16 (the bound the set_precision docstring quotes)
-    x = (cifar_images.float() + 0.5) / 256
+    # decode(encode(x)) is less exact in bf16 (the bound the set_precision docstring quotes);
+    # 4 images, as bf16 is emulated, 7× slower than fp32, on a CPU without AVX-512 BF16
+    x = (cifar_images[:4].float() + 0.5) / 256
     errors = {}
     for precision in ("fp32", "bf16"):
         with torch.no_grad():

@@ -86,12 +86,12 @@ def test_exact_resume_after_sigkill(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 40
 
 
-def make_trainer(run_dir: Path, steps: int = 4, **overrides) -> Trainer:
+def make_trainer(run_dir: Path, steps: int = 4, scales: int = 2, **overrides) -> Trainer:
     train = TrainConfig(**{**dict(run_dir=str(run_dir), steps=steps, batch_size=16,
                                   checkpoint_every=2, eval_every=1000, eval_images=32,
                                   sample_every=1000, sample_count=4, progress=False),
                            **overrides})
-    return Trainer(RealNVPConfig(input_shape=(1, 28, 28), scales=2, res_blocks=1, features=8),
+    return Trainer(RealNVPConfig(input_shape=(1, 28, 28), scales=scales, res_blocks=1, features=8),
                    train)
 
 
@@ -367,8 +367,9 @@ def test_training_options_reach_the_model(tmp_path, precision, memory_mode, reco
 
 def test_compiled_training_matches_eager(tmp_path):
     # --compile wraps the loss in torch.compile (inductor): the run trains, and the compiled
-    # loss and its gradients are the eager ones up to float32 rounding.
-    trainer = make_trainer(tmp_path, steps=2, compile=True)
+    # loss and its gradients are the eager ones up to float32 rounding. One scale: compiling
+    # two took 171 s on a 2-core Zen 1 (one, 69 s), as inductor compiles each layer's kernels.
+    trainer = make_trainer(tmp_path, steps=2, scales=1, compile=True)
     trainer.run()
     assert type(trainer.objective).__name__ == "OptimizedModule"
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -385,8 +386,15 @@ def test_compiled_training_matches_eager(tmp_path):
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
     assert abs(eager_loss - compiled_loss) < 1e-5
-    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    # Inductor sums in another order, so a gradient that is a sum with cancellation carries
+    # the rounding of its terms, not of itself (an output bias's 2.1e-5 was off by 1.3e-6 on
+    # an AVX2 CPU): the absolute tolerance follows the model's largest gradient, and the whole
+    # gradient vector must agree to 1e-3 relative (3e-5 there).
+    scale = max(g.abs().max() for g in eager_grads)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale)
                for a, b in zip(compiled_grads, eager_grads))
+    difference = torch.cat([(a - b).flatten() for a, b in zip(compiled_grads, eager_grads)])
+    assert difference.norm() <= 1e-3 * torch.cat([b.flatten() for b in eager_grads]).norm()
 
 
 def test_eval_scores_the_runs_own_validation_slice(tmp_path, monkeypatch):

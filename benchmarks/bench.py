@@ -248,8 +248,7 @@ def conv_ceiling(device_name: str, quick: bool, precisions: list[str] | None = N
             for p in precisions}
     return {**best, "detail": detail,
             "note": f"best of the two shapes and the layouts {', '.join(layouts)} at batch "
-                    f"{batch}; "
-                    "bf16 with bf16 tensors"}
+                    f"{batch}; bf16 with bf16 tensors"}
 
 
 def build(preset: str, mode: set[str], device, quick: bool):

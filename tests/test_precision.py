@@ -53,14 +53,22 @@ def test_bf16_bits_per_dim_matches_fp32_on_cifar10(cifar_images):
     assert (bf16.mean() - fp32.mean()).abs() <= 0.01, (bf16.mean(), fp32.mean())
     assert (bf16 - fp32).abs().max() <= 0.01, (bf16 - fp32).abs().max()
     # decode(encode(x)) is less exact in bf16 (the bound the set_precision docstring quotes);
-    # 4 images, as bf16 is emulated, 7× slower than fp32, on a CPU without AVX-512 BF16
+    # 4 images, as bf16 is emulated, 7× slower than fp32, on a CPU without AVX-512 BF16. No
+    # lower bound: the round trip is inexact only where a passed-through value's fp32 rounding
+    # error flips its rounding to bf16, which on 4 images may happen nowhere (an Intel CPU with
+    # AMX: 1.8e-7 on these 4, 6.6e-4 on 16), so that the decode's networks are checked instead.
     x = (cifar_images[:4].float() + 0.5) / 256
     errors = {}
     for precision in ("fp32", "bf16"):
         with torch.no_grad():
-            back = model.set_precision(precision).decode(model.encode(x))
+            z = model.set_precision(precision).encode(x)
+            seen, hooks = net_output_dtypes(model)
+            back = model.decode(z)
+        for h in hooks:
+            h.remove()
+        assert seen == {torch.float32 if precision == "fp32" else torch.bfloat16}
         errors[precision] = (back - x).abs().max().item()
-    assert errors["fp32"] <= 1e-6 and 1e-4 <= errors["bf16"] <= 3e-3, errors
+    assert errors["fp32"] <= 1e-6 and errors["bf16"] <= 3e-3, errors
 
 
 def test_bf16_training_step():

@@ -50,7 +50,7 @@ from typing import Any
 
 DEFAULT_MODES = ("fp32+malloc-trim,fp32+nchw+recompute,fp32,fp32+recompute,bf16,bf16+recompute,"
                  "invertible+malloc-trim,invertible,checkpoint,invertible+jemalloc,"
-                 "checkpoint+jemalloc,bf16+invertible+jemalloc,compile")
+                 "checkpoint+jemalloc,bf16+invertible+jemalloc,compile,bf16+compile")
 MEMORY_LIMIT_MIB = 8 * 1024  # the "largest batch that fits in 8 GiB" column
 MAX_BATCH_TOLERANCE = 0.03  # --measure-max-batch: a peak this close under the limit settles it
 OPTIONS = {"fp32", "bf16", "tf32", "invertible", "checkpoint", "nchw", "compile", "jemalloc",
@@ -474,15 +474,34 @@ def run_worker(args: argparse.Namespace, name: str, batch_size: int,
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
+# The instruction sets that decide the convolution ceilings: AVX2 only (fp32 at about a sixth
+# of an AVX-512 core's rate, bf16 emulated), AVX-512, its BF16 dot products, Intel's AMX tiles.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU's name, family and model, and which of :data:`CPU_FEATURES` it has, from
+    /proc/cpuinfo (the name alone may be just "Intel(R) Xeon(R) Processor"); {} elsewhere."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "device": device}
+            for line in f:
+                key, _, value = line.partition(":")
+                if not key.strip():  # the end of the first CPU's block
+                    break
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return {}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", platform.processor()),
+            "cpu_family": fields.get("cpu family"), "cpu_model": fields.get("model"),
+            "cpu_features": [name for name in CPU_FEATURES if name in flags]}
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {"cpu": platform.processor(), **cpu_description(), "cpus": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "device": device}
     probe = ("import torch, json; print(json.dumps({'torch': torch.__version__, "
              "'threads': torch.get_num_threads(), 'gpu': torch.cuda.get_device_name() "
              "if torch.cuda.is_available() else None}))")
@@ -776,7 +795,10 @@ def main(argv: list[str] | None = None) -> int:
               f"while measuring {', '.join(noisy)}: those timings are not representative",
               file=sys.stderr)
 
-    title = f"{args.preset}, batch {args.batch_size}, {result['machine'].get('cpu')}"
+    machine = result["machine"]
+    title = (f"{args.preset}, batch {args.batch_size}, {machine.get('cpu')} (family "
+             f"{machine.get('cpu_family')}, model {machine.get('cpu_model')}; "
+             f"{' '.join(machine.get('cpu_features') or ['none of ' + ', '.join(CPU_FEATURES)])})")
     if args.quick:
         title += " — QUICK RUN (tiny model): not results"
     print(f"\n{title}\n\n{table(rows)}\n\nmax batch: measured where it has no *; "

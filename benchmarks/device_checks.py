@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 from realnvp import RealNVP, bits_per_dim, dequantize  # noqa: E402
 
-GPU_MODES = "fp32,tf32,bf16,fp32+recompute,bf16+recompute,invertible,checkpoint,compile"
+GPU_MODES = ("fp32,tf32,bf16,fp32+recompute,bf16+recompute,invertible,checkpoint,compile,"
+             "bf16+compile")
 
 
 def calibrated_model(preset: str, device: torch.device, quick: bool) -> RealNVP:

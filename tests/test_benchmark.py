@@ -49,6 +49,18 @@ def test_quick_benchmark_writes_every_documented_key(tmp_path):
     assert "| fp32 |" in done.stdout and "QUICK RUN" in done.stdout
     assert [rows[m]["malloc_policy"] for m in ("fp32", "bf16+malloc-trim")] == \
         ["keep", "system"]
+    # the CPU as /proc/cpuinfo describes its first core (the name alone can be a generic one)
+    with open("/proc/cpuinfo") as f:
+        first = f.read().split("\n\n")[0]
+    fields = dict((k.strip(), v.strip()) for k, _, v in
+                  (line.partition(":") for line in first.splitlines()))
+    machine = result["machine"]
+    assert (machine["cpu"], machine["cpu_family"], machine["cpu_model"]) == \
+        (fields["model name"], fields["cpu family"], fields["model"])
+    assert machine["cpu_features"] == [name for name in ("avx2", "avx512f", "avx512_bf16",
+                                                         "amx_bf16") if name in
+                                       fields["flags"].split()]
+    assert f"family {fields['cpu family']}, model {fields['model']}" in done.stdout
 
 
 def test_each_mode_has_one_allocator_policy(capsys):

@@ -804,3 +804,52 @@ def test_decoded_images_are_cached_only_where_they_fit(tmp_path: Path, monkeypat
     assert not dataset.cache
     pixels, _ = dataset.get_batch(torch.arange(4))
     assert len(dataset._cache) == 0 and pixels[:, 0, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+def test_content_digest_notices_images_replaced_by_as_many_others(tmp_path: Path) -> None:
+    """The CRC-32 a resumed run compares: of the pixels, labels and positions in memory, of the
+    files' names and sizes in a folder, of the members' names, sizes and CRCs in a zip."""
+    from realnvp.data.base import ZipSource
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8), rng.integers(0, 3, 20)
+    np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+    train = load_dataset("npz", tmp_path / "a.npz", "train")
+    by_hand = zlib.crc32(train.source_indices.tobytes(), zlib.crc32(
+        train.labels.numpy().tobytes(), zlib.crc32(train.images.numpy().tobytes())))
+    assert train.content_digest() == f"{by_hand:08x}"
+    assert load_dataset("npz", tmp_path / "a.npz", "train").content_digest() == \
+        train.content_digest()  # the same files: the same digest
+    changed_pixel, changed_label = x.copy(), y.copy()
+    changed_pixel[train.source_indices[3], 1, 2, 0] ^= 1
+    changed_label[train.source_indices[5]] = (changed_label[train.source_indices[5]] + 1) % 3
+    for name, (images, labels) in {"pixel": (changed_pixel, y),
+                                   "label": (x, changed_label)}.items():
+        np.savez(tmp_path / f"{name}.npz", x_train=images, y_train=labels, x_test=x[:2],
+                 y_test=y[:2])
+        other = load_dataset("npz", tmp_path / f"{name}.npz", "train")
+        assert len(other) == len(train) and other.content_digest() != train.content_digest()
+
+    for i in range(4):
+        write_png(tmp_path / "folder" / f"{i}.png", np.full((4, 4), 10 * i, np.uint8))
+    before = load_dataset("folder", tmp_path / "folder", "train", valid_size=0).content_digest()
+    write_png(tmp_path / "folder" / "2.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    after = load_dataset("folder", tmp_path / "folder", "train", valid_size=0)
+    assert len(after) == 4 and after.content_digest() != before
+    write_png(tmp_path / "folder" / "2.png", np.full((4, 4), 20, np.uint8))  # as it was
+    assert load_dataset("folder", tmp_path / "folder", "train",
+                        valid_size=0).content_digest() == before
+
+    members = {"a.bin": b"first member", "b.bin": b"other member"}
+    for name, second in (("one.zip", b"other member"), ("two.zip", b"OTHER member")):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            archive.writestr("a.bin", members["a.bin"])
+            archive.writestr("b.bin", second)
+    one, two = (ZipSource(tmp_path / n, ["a.bin", "b.bin"]).manifest()
+                for n in ("one.zip", "two.zip"))
+    assert one.decode().splitlines() == [f"{n}\t{len(b)}\t{zlib.crc32(b):08x}"
+                                         for n, b in members.items()]
+    assert one != two  # the same names and sizes, other bytes
+    (tmp_path / "bad.zip").write_bytes(b"not a zip archive")
+    with pytest.raises(DatasetError, match="bad.zip: cannot read the archive's directory"):
+        ZipSource(tmp_path / "bad.zip", ["a.bin"]).manifest()

@@ -22,6 +22,7 @@ from conftest import CountHostSyncs
 from PIL import Image
 
 from realnvp import CheckpointError, RealNVP, RealNVPConfig, ResNet, dequantize, distributed
+from realnvp.checkpoint import atomic_save
 from realnvp.cli import _train_configs, build_parser
 from realnvp.cli import main as cli_main
 from realnvp.data import DEMO_DATA, DatasetError, load_dataset
@@ -892,6 +893,21 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"has changed since the checkpoint \(train images 36 → "
                                          r"45, valid images 4 → 5, valid positions"):
         npz_run(tmp_path, npz, steps=3)
+    # as many images, one pixel of each changed: other data, the same count and split
+    changed = x[:40].copy()
+    changed[:, 0, 0, 0] ^= 1
+    np.savez(npz, x_train=changed, x_test=x[:8])
+    with pytest.raises(ValueError, match=r"has changed since the checkpoint \(train content "
+                                         r"[0-9a-f]{8} → [0-9a-f]{8}, valid content "):
+        npz_run(tmp_path, npz, steps=3)
+    # a checkpoint written before the contents' CRCs were saved is checked on the rest only
+    path = latest_checkpoint(tmp_path / "run")
+    payload = load_checkpoint(path)
+    assert set(payload["data"]) == {"train_images", "valid_images", "valid_positions",
+                                    "train_content", "valid_content"}
+    del payload["data"]["train_content"], payload["data"]["valid_content"]
+    atomic_save(payload, path)
+    assert npz_run(tmp_path, npz, steps=3).state.step == 2
 
 
 def test_the_papers_training_recipe(tmp_path, monkeypatch):

@@ -332,23 +332,29 @@ def _fixed_changes(saved: TrainConfig, asked: TrainConfig) -> list[str]:
 
 def data_fingerprint(train_set: Any, valid_set: Any) -> dict[str, Any]:
     """What a resumed run must find again in its data files: the number of training and
-    validation images and which of the source's items the validation images are (a digest of
-    their positions). Images added to a folder, or removed, change the epoch order and move
-    the validation slice, so that a resume would score the run on images it trained on."""
+    validation images, which of the source's items the validation images are (a digest of
+    their positions) and a CRC-32 of each split's contents (``content_digest``: the images, or
+    the files' names and sizes, and the labels). Images added to a folder, or removed, change
+    the epoch order and move the validation slice, so that a resume would score the run on
+    images it trained on; images replaced by as many others would make it train on other
+    data. Reading the CIFAR-10 training split's 150 MB for its CRC takes about 0.1 s."""
     positions = getattr(valid_set, "source_indices", None)
     digest = None if positions is None else hashlib.blake2b(
         np.ascontiguousarray(positions, dtype="<i8").tobytes(), digest_size=8).hexdigest()
     return {"train_images": len(train_set),
             "valid_images": 0 if valid_set is None else len(valid_set),
-            "valid_positions": digest}
+            "valid_positions": digest,
+            "train_content": train_set.content_digest(),
+            "valid_content": None if valid_set is None else valid_set.content_digest()}
 
 
 def _data_changes(payload: dict, data: dict[str, Any]) -> list[str]:
     saved = payload.get("data")  # absent from checkpoints written before it was saved
     if not isinstance(saved, dict):
         return []
-    return [f"{k.replace('_', ' ')} {saved.get(k)} → {v}" for k, v in data.items()
-            if saved.get(k) != v]
+    # a key the checkpoint lacks (the contents' CRCs before 2026-12-02) is not compared
+    return [f"{k.replace('_', ' ')} {saved[k]} → {v}" for k, v in data.items()
+            if k in saved and saved[k] != v]
 
 
 def _check_resume(path: Path, payload: dict, train: TrainConfig, data: dict[str, Any]) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import crc32_digest
+
 TOY_DATASETS: tuple[str, ...] = ("moons", "8gaussians", "checkerboard", "rings")
 
 
@@ -68,6 +70,10 @@ class VectorDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.points)
+
+    def content_digest(self) -> str:
+        """A CRC-32 of the points (see :meth:`ImageDataset.content_digest`)."""
+        return crc32_digest((self.points.numpy(),))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.points[index], torch.tensor(-1)

@@ -177,6 +177,40 @@ def test_ctrl_c_in_process_checkpoints_then_interrupts(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
 
 
+def test_a_stop_during_validation_saves_the_step_and_leaves_the_validation(tmp_path,
+                                                                             monkeypatch, capsys):
+    """A scheduler's grace period can be shorter than a validation: a SIGTERM that arrives
+    during one ends it after the batch being scored, saves the step, and the resumed run
+    validates that step first."""
+    trainer = make_trainer(tmp_path, steps=6, eval_every=3, checkpoint_every=1000,
+                           eval_images=600)  # 3 batches of validation
+    read = trainer.valid_set.get_batch
+    batches = []
+
+    def signalled(*args):
+        batches.append(trainer.state.step)
+        if len(batches) == 1 and trainer.state.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(*args)
+
+    monkeypatch.setattr(trainer.valid_set, "get_batch", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        trainer.run()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert batches == [3]  # the batch being scored, no more
+    assert "at step 3 (its validation left for the resumed run)" in capsys.readouterr().out
+    assert [p.name for p in step_checkpoints(tmp_path)] == ["ckpt-0000003.pt"]
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    resumed = make_trainer(tmp_path, steps=6, eval_every=3, checkpoint_every=1000,
+                           eval_images=600)
+    assert (resumed.state.step, resumed.state.pending) == (3, ["evaluate"])
+    resumed.run()
+    valid = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
+             .splitlines() if "valid_bpd" in line]
+    assert [r["step"] for r in valid] == [3, 6]
+    assert load_checkpoint(latest_checkpoint(tmp_path))["run_state"]["pending"] == []
+
+
 def test_corrupt_checkpoint_gives_clear_error_and_previous_one_loads(tmp_path):
     make_trainer(tmp_path, steps=4).run()
     latest = latest_checkpoint(tmp_path)

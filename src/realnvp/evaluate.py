@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,10 @@ class EvalResult:
 NOISE_BYTES = 256 * 2**20
 
 
+class EvaluationStopped(Exception):
+    """:func:`evaluate` gave up between two batches because ``should_stop`` said so."""
+
+
 @torch.inference_mode()
 def evaluate(
     model: RealNVP,
@@ -54,6 +59,7 @@ def evaluate(
     samples: int = 1,
     max_images: int | None = None,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
     """Bits/dim of ``dataset`` under ``model`` in eval mode (running batch-norm statistics).
 
@@ -61,6 +67,8 @@ def evaluate(
     evaluations of one model agree exactly; on the CPU each image's noise is the same for every
     ``batch_size`` (a CUDA generator's stream depends on the shape of each draw).
     Class-conditional models get the dataset's labels. The model is left in the mode it was in.
+    ``should_stop``, asked before every batch: True raises :class:`EvaluationStopped` (the
+    trainer's answer to a stop request, which would otherwise wait for the whole validation).
     """
     for name, value in (("samples", samples), ("batch_size", batch_size),
                         ("max_images", 1 if max_images is None else max_images)):
@@ -89,6 +97,8 @@ def evaluate(
     values = []
     with eval_mode(model):
         for start in range(0, n, batch_size):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped(f"stopped after {start} of {n} images")
             index = torch.arange(start, min(start + batch_size, n))
             images, labels = dataset.get_batch(index)
             images = dataset.eval_transform(images).to(device)

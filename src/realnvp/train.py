@@ -71,7 +71,7 @@ from .checkpoint import (
 )
 from .data import DatasetError, ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
-from .evaluate import evaluate
+from .evaluate import EvaluationStopped, evaluate
 from .figures import save_image_grid
 from .memory import MEMORY_MODES
 from .model import (
@@ -872,14 +872,17 @@ class Trainer:
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, record["step"])
 
-    def evaluate(self) -> float:
+    def evaluate(self, stop: StopRequest | None = None) -> float:
         """Mean validation bits/dim (eval mode). Several processes evaluate one shard each
         (images r, r + W, ...) and gather the per-image values: the mean is over the same images
-        as on one process, with other dequantisation noise."""
+        as on one process, with other dequantisation noise. On one process a ``stop`` request
+        ends it after the batch being scored (:class:`EvaluationStopped`); several processes
+        finish it first (their shards' batch counts may differ, so no per-batch agreement)."""
         t, ctx = self.train_config, self.dist
         if not ctx.enabled:
+            should_stop = None if stop is None else (lambda: stop.signum is not None)
             return evaluate(self.model, self.valid_set, max_images=t.eval_images,
-                            seed=t.seed).mean
+                            seed=t.seed, should_stop=should_stop).mean
         n = len(self.valid_set) if t.eval_images is None else min(t.eval_images,
                                                                     len(self.valid_set))
         shard = distributed.Shard(self.valid_set, distributed.eval_shard(ctx, n))
@@ -956,8 +959,8 @@ class Trainer:
             # under torchrun (even with one process) a scheduler's signal can arrive twice
             under_torchrun = self.dist.enabled or "TORCHELASTIC_RUN_ID" in os.environ
             with _stop_requests(second_stops_at_once=not under_torchrun) as stop:
-                if state.pending:  # what a bad image kept the checkpointed step from doing
-                    self._finish_step(list(state.pending), skipped, bar)
+                if state.pending:  # what a bad image or a stop kept the checkpointed step from
+                    self._finish_step(list(state.pending), skipped, bar, stop)
                 self._loop(bar, skipped, stop)
         finally:  # also when a signal or bad data stops the run: flush what was logged
             bar.close()
@@ -994,26 +997,33 @@ class Trainer:
             actions = [name for name, now in (("evaluate", evaluate_now),
                                               ("sample", sample_now),
                                               ("checkpoint", checkpoint_now)) if now]
-            self._finish_step(actions, skipped, bar)
+            self._finish_step(actions, skipped, bar, stop)
             bar.update(1)
             # a scheduler's SIGTERM or a Ctrl-C, on any process: all stop after this step
             signum = None if last else distributed.agreed_signal(self.dist, stop.signum)
             if signum is not None:
                 self._stop_after_step(signum, skipped, bar, saved=checkpoint_now)
 
-    def _finish_step(self, actions: list[str], skipped: Tensor, bar: tqdm) -> None:
+    def _finish_step(self, actions: list[str], skipped: Tensor, bar: tqdm,
+                     stop: StopRequest) -> None:
         """The step's ``actions``, in this order: "evaluate" (validation, and best.pt if it is
         the best so far), "sample" (the sample grid), "checkpoint". A checkpoint written
-        because a bad image stopped validation or the grid records those not yet done
-        (``state.pending``), and the resumed run does them first (:meth:`run`)."""
+        because a bad image stopped validation or the grid, or a stop request came during
+        validation (a scheduler's grace period can be shorter than a validation on the CPU:
+        5,000 CIFAR-10 images take minutes), records those not yet done (``state.pending``),
+        and the resumed run does them first (:meth:`run`)."""
         state, main, model = self.state, self.dist.is_main, self.model
         state.pending = []
         if actions:
             self._agree_on_running_stats()
         for i, action in enumerate(actions):
             if action == "evaluate":  # every process evaluates its shard
-                with self._saved_if_stopped(skipped, bar, "validation", actions[i:]):
-                    valid_bpd = self.evaluate()
+                try:
+                    with self._saved_if_stopped(skipped, bar, "validation", actions[i:]):
+                        valid_bpd = self.evaluate(stop)
+                except EvaluationStopped:
+                    state.pending = actions[i:]  # for the resumed run, with the checkpoint
+                    self._stop_after_step(stop.signum, skipped, bar, saved=False)
                 self.log({"step": state.step, "valid_bpd": valid_bpd})
                 unit = "bits/dim" if model.config.is_image else "nats"
                 if main:
@@ -1039,8 +1049,11 @@ class Trainer:
                 self.checkpoint()
         distributed.barrier(self.dist)
         if self.dist.is_main:
+            words = {"evaluate": "validation", "sample": "sample grid"}
+            left = f" (its {' and '.join(words.get(a, a) for a in self.state.pending)} left " \
+                "for the resumed run)" if self.state.pending else ""
             bar.write(f"{signal.Signals(signum).name}: saved {latest_checkpoint(self.run_dir)} "
-                      f"at step {self.state.step}; rerun to resume")
+                      f"at step {self.state.step}{left}; rerun to resume")
         _stop_now(signum)
 
 

@@ -163,8 +163,15 @@ def test_signals_an_ignored_sigint_and_a_signal_in_the_last_step(tmp_path, monke
         signal.signal(signal.SIGINT, previous)
     trainer = make_trainer(tmp_path / "last", steps=3)
     signals_at(trainer, monkeypatch, 2, signal.SIGTERM)
-    assert trainer.run().step == 3  # the run had finished: nothing to interrupt
-    assert latest_checkpoint(tmp_path / "last").name == "ckpt-0000003.pt"
+    with pytest.raises(SystemExit):  # the last step's validation is cut short, as any other's
+        trainer.run()
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "last"))["run_state"]
+    assert (saved["step"], saved["pending"]) == (3, ["evaluate", "sample", "checkpoint"])
+    assert make_trainer(tmp_path / "last", steps=3).run().pending == []
+    trainer = make_trainer(tmp_path / "unvalidated", steps=3, valid_size=0)
+    signals_at(trainer, monkeypatch, 2, signal.SIGTERM)
+    assert trainer.run().step == 3  # no validation: the run had finished, nothing to interrupt
+    assert latest_checkpoint(tmp_path / "unvalidated").name == "ckpt-0000003.pt"
 
 
 def test_ctrl_c_in_process_checkpoints_then_interrupts(tmp_path, monkeypatch):

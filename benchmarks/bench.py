@@ -796,9 +796,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
 
     machine = result["machine"]
+    features = machine.get("cpu_features")  # absent: no /proc/cpuinfo to read them from
     title = (f"{args.preset}, batch {args.batch_size}, {machine.get('cpu')} (family "
              f"{machine.get('cpu_family')}, model {machine.get('cpu_model')}; "
-             f"{' '.join(machine.get('cpu_features') or ['none of ' + ', '.join(CPU_FEATURES)])})")
+             + ("features unknown" if features is None else " ".join(features) or
+                f"none of {', '.join(CPU_FEATURES)}") + ")")
     if args.quick:
         title += " — QUICK RUN (tiny model): not results"
     print(f"\n{title}\n\n{table(rows)}\n\nmax batch: measured where it has no *; "

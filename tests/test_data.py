@@ -815,9 +815,10 @@ def test_content_digest_notices_images_replaced_by_as_many_others(tmp_path: Path
     x, y = rng.integers(0, 256, (20, 6, 6, 3), dtype=np.uint8), rng.integers(0, 3, 20)
     np.savez(tmp_path / "a.npz", x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
     train = load_dataset("npz", tmp_path / "a.npz", "train")
-    by_hand = zlib.crc32(train.source_indices.tobytes(), zlib.crc32(
-        train.labels.numpy().tobytes(), zlib.crc32(train.images.numpy().tobytes())))
+    by_hand = zlib.crc32(train.source_indices.tobytes(), zlib.crc32(train.images.numpy()
+                                                                      .tobytes()))
     assert train.content_digest() == f"{by_hand:08x}"
+    assert train.labels_digest() == f"{zlib.crc32(train.labels.numpy().tobytes()):08x}"
     assert load_dataset("npz", tmp_path / "a.npz", "train").content_digest() == \
         train.content_digest()  # the same files: the same digest
     changed_pixel, changed_label = x.copy(), y.copy()
@@ -828,7 +829,9 @@ def test_content_digest_notices_images_replaced_by_as_many_others(tmp_path: Path
         np.savez(tmp_path / f"{name}.npz", x_train=images, y_train=labels, x_test=x[:2],
                  y_test=y[:2])
         other = load_dataset("npz", tmp_path / f"{name}.npz", "train")
-        assert len(other) == len(train) and other.content_digest() != train.content_digest()
+        assert len(other) == len(train)
+        assert (other.content_digest() != train.content_digest()) == (name == "pixel")
+        assert (other.labels_digest() != train.labels_digest()) == (name == "label")
 
     for i in range(4):
         write_png(tmp_path / "folder" / f"{i}.png", np.full((4, 4), 10 * i, np.uint8))
@@ -850,6 +853,9 @@ def test_content_digest_notices_images_replaced_by_as_many_others(tmp_path: Path
     assert one.decode().splitlines() == [f"{n}\t{len(b)}\t{zlib.crc32(b):08x}"
                                          for n, b in members.items()]
     assert one != two  # the same names and sizes, other bytes
+    with pytest.raises(DatasetError, match=r"one.zip has no member 'c.bin' \(the archive "
+                                           "changed since it was listed"):
+        ZipSource(tmp_path / "one.zip", ["a.bin", "c.bin"]).manifest()
     (tmp_path / "bad.zip").write_bytes(b"not a zip archive")
     with pytest.raises(DatasetError, match="bad.zip: cannot read the archive's directory"):
         ZipSource(tmp_path / "bad.zip", ["a.bin"]).manifest()

@@ -44,9 +44,11 @@ def test_bf16_bits_per_dim_matches_fp32_on_cifar10(cifar_images):
     calibrate(model, (cifar_images[:16].float() + 0.5) / 256)
     fp32 = eval_bits_per_dim(model, cifar_images, "fp32")
     seen, hooks = net_output_dtypes(model)
-    bf16 = eval_bits_per_dim(model, cifar_images, "bf16")
-    for h in hooks:
-        h.remove()
+    try:
+        bf16 = eval_bits_per_dim(model, cifar_images, "bf16")
+    finally:
+        for h in hooks:
+            h.remove()
     assert seen == {torch.bfloat16}  # the networks really ran in bf16 ...
     assert bf16.dtype == torch.float32  # ... and the density did not
     assert (bf16 - fp32).abs().max() > 0
@@ -63,9 +65,11 @@ def test_bf16_bits_per_dim_matches_fp32_on_cifar10(cifar_images):
         with torch.no_grad():
             z = model.set_precision(precision).encode(x)
             seen, hooks = net_output_dtypes(model)
-            back = model.decode(z)
-        for h in hooks:
-            h.remove()
+            try:
+                back = model.decode(z)
+            finally:
+                for h in hooks:
+                    h.remove()
         assert seen == {torch.float32 if precision == "fp32" else torch.bfloat16}
         errors[precision] = (back - x).abs().max().item()
     assert errors["fp32"] <= 1e-6 and errors["bf16"] <= 3e-3, errors

@@ -208,9 +208,27 @@ def test_a_stop_during_validation_saves_the_step_and_leaves_the_validation(tmp_p
     assert "at step 3 (its validation left for the resumed run)" in capsys.readouterr().out
     assert [p.name for p in step_checkpoints(tmp_path)] == ["ckpt-0000003.pt"]
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    # resumed, step 3's validation is done first; a SIGTERM during its last batch (too late to
+    # cut it short) stops the run before step 4, not after it
     resumed = make_trainer(tmp_path, steps=6, eval_every=3, checkpoint_every=1000,
                            eval_images=600)
     assert (resumed.state.step, resumed.state.pending) == (3, ["evaluate"])
+    read, batches = resumed.valid_set.get_batch, []
+
+    def late(*args):
+        batches.append(resumed.state.step)
+        if len(batches) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(*args)
+
+    monkeypatch.setattr(resumed.valid_set, "get_batch", late)
+    with pytest.raises(SystemExit):
+        resumed.run()
+    assert batches == [3, 3, 3] and "(its" not in capsys.readouterr().out
+    saved = load_checkpoint(latest_checkpoint(tmp_path))["run_state"]
+    assert (saved["step"], saved["pending"]) == (3, [])
+    resumed = make_trainer(tmp_path, steps=6, eval_every=3, checkpoint_every=1000,
+                           eval_images=600)
     resumed.run()
     valid = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text()
              .splitlines() if "valid_bpd" in line]
@@ -949,6 +967,20 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
     del payload["data"]["train_content"], payload["data"]["valid_content"]
     atomic_save(payload, path)
     assert npz_run(tmp_path, npz, steps=3).state.step == 2
+
+
+def test_resume_checks_the_labels_of_a_conditional_run_only(tmp_path):
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), rng.integers(0, 3, 40)
+    npz = tmp_path / "data.npz"
+    np.savez(npz, x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    npz_run(tmp_path / "u", npz).run()
+    npz_run(tmp_path / "c", npz, conditional=True).run()
+    np.savez(npz, x_train=x, y_train=(y + 1) % 3, x_test=x[:8], y_test=y[:8])
+    assert npz_run(tmp_path / "u", npz, steps=3).state.step == 2  # labels it does not use
+    with pytest.raises(ValueError, match=r"has changed since the checkpoint \(train labels "
+                                         r"[0-9a-f]{8} → [0-9a-f]{8}, valid labels"):
+        npz_run(tmp_path / "c", npz, steps=3, conditional=True)
 
 
 def test_the_papers_training_recipe(tmp_path, monkeypatch):

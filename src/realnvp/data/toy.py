@@ -75,6 +75,9 @@ class VectorDataset(torch.utils.data.Dataset):
         """A CRC-32 of the points (see :meth:`ImageDataset.content_digest`)."""
         return crc32_digest((self.points.numpy(),))
 
+    def labels_digest(self) -> None:
+        return None  # toy points have no labels
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.points[index], torch.tensor(-1)
 

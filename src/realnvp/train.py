@@ -745,8 +745,7 @@ class Trainer:
         if payload is not None and not self._is_this_runs(payload, model_config):
             raise ValueError(f"{checkpoint_dir(self.run_dir) / 'best.pt'} is the best model of "
                              "another run (other architecture, data split, data or seed): "
-                             "move it "
-                             "away, or start this run in another run_dir")
+                             "move it away, or start this run in another run_dir")
 
     def _restore_generator(self, name: str, generator: torch.Generator, state: Tensor) -> None:
         """The checkpoint's state of a random stream; a run moved to another kind of device
@@ -1038,8 +1037,6 @@ class Trainer:
                         valid_bpd = self.evaluate(stop)
                 except EvaluationStopped:
                     state.pending = actions[i:]  # for the resumed run, with the checkpoint
-                else:
-                    state.pending = []
                 if state.pending:  # outside the except: the exit is not "during handling"
                     self._stop_after_step(stop.signum, skipped, bar, saved=False)
                 self.log({"step": state.step, "valid_bpd": valid_bpd})

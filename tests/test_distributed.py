@@ -19,7 +19,7 @@ import torch
 import realnvp.model
 import realnvp.train
 from realnvp import RealNVPConfig
-from realnvp.data import DEMO_DATA
+from realnvp.data import DEMO_DATA, DatasetError
 from realnvp.distributed import agreed_signal, setup, shutdown
 from realnvp.train import (
     RunState,
@@ -118,9 +118,10 @@ def test_global_batch_and_data_position():
 
 
 def step_config(run_dir: Path, batch_size: int, **overrides) -> TrainConfig:
-    return TrainConfig(run_dir=str(run_dir), steps=1, batch_size=batch_size, eval_every=1,
-                       eval_images=41, sample_every=1000, sample_count=4, checkpoint_every=1000,
-                       progress=False, **overrides)
+    return TrainConfig(**{**dict(run_dir=str(run_dir), steps=1, batch_size=batch_size,
+                                 eval_every=1, eval_images=41, sample_every=1000,
+                                 sample_count=4, checkpoint_every=1000, progress=False),
+                          **overrides})
 
 
 # name: (dtype, memory-saving mode, synchronised batch norm)
@@ -358,6 +359,44 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, one_thread_env
     names = {name for name, _ in realnvp.model.RealNVP(MODEL).named_parameters()}
     for k in names:  # the same parameters on both ranks (running statistics are per rank)
         assert torch.equal(ranks[0][2][k], ranks[1][2][k]), k
+
+
+def _bad_image_on_rank_one_worker(rank: int, world: int, run_dir: Path, out: Path,
+                                  where: str) -> None:
+    """Rank 1 alone meets a file it cannot decode: in its third training batch, or in its
+    validation shard."""
+    trainer = Trainer(MODEL, step_config(run_dir, 8, steps=4, eval_every=2, eval_images=8))
+    dataset = trainer.train_set if where == "training" else trainer.valid_set
+    read, calls = dataset.get_batch, [0]
+
+    def get_batch(*args):
+        calls[0] += 1
+        if rank == 1 and calls[0] == (3 if where == "training" else 1):
+            raise DatasetError("x/07.png: cannot decode image (truncated)")
+        return read(*args)
+
+    dataset.get_batch = get_batch
+    start = time.time()
+    try:
+        trainer.run()
+    except DatasetError as error:
+        (out / f"error-{rank}.json").write_text(json.dumps(
+            {"message": str(error), "step": trainer.state.step, "s": time.time() - start}))
+
+
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_a_bad_image_on_one_rank_stops_every_rank_at_once(tmp_path, one_thread_env, where):
+    """Not one process stopping and the others waiting in the next collective until its timeout
+    (gloo's: 30 minutes): every rank raises, the same step reached."""
+    out = tmp_path / "out"
+    out.mkdir()
+    spawn(_bad_image_on_rank_one_worker, 2, tmp_path / "run", out, where)
+    errors = [json.loads((out / f"error-{r}.json").read_text()) for r in range(2)]
+    assert "07.png: cannot decode" in errors[1]["message"]
+    what = "training batch" if where == "training" else "validation images"
+    assert f"another process could not read its {what}" in errors[0]["message"]
+    assert errors[0]["step"] == errors[1]["step"] == 2
+    assert all(e["s"] < 120 for e in errors)
 
 
 def _agreed_signal_worker(rank: int, world: int, out: Path) -> None:

@@ -99,15 +99,27 @@ def barrier(ctx: DistributedContext) -> None:
         dist.barrier()
 
 
+def _host_max(ctx: DistributedContext, value: int) -> int:
+    """The largest of the processes' ``value``: one integer all-reduced on the host (gloo), so
+    it never waits for a GPU."""
+    if not ctx.enabled:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.host_group)
+    return int(flag)
+
+
 def agreed_signal(ctx: DistributedContext, signum: int | None) -> int | None:
     """The signal any process was asked to stop by (the largest number where several were:
-    SIGTERM before SIGINT), or None: every process then stops after the same step. One integer
-    all-reduced on the host (gloo), so it never waits for a GPU."""
-    if not ctx.enabled:
-        return signum
-    flag = torch.tensor([signum or 0], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.host_group)
-    return int(flag) or None
+    SIGTERM before SIGINT), or None: every process then stops after the same step."""
+    return _host_max(ctx, signum or 0) or None
+
+
+def any_process(ctx: DistributedContext, flag: bool) -> bool:
+    """Whether ``flag`` is true on any process: where one process cannot go on (a file it
+    cannot decode), every process stops there, instead of the others waiting in the next
+    collective until its timeout."""
+    return bool(_host_max(ctx, int(flag)))
 
 
 def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:

@@ -807,7 +807,8 @@ class Trainer:
             len(self.train_set), t.batch_size, state.epoch, state.epoch_offset, t.seed,
             ctx.rank, ctx.world_size)
         # May raise DatasetError (a bad file), before drawing from the generator.
-        images, labels = self.train_set.train_batch(index, self.generators["augment"])
+        with _on_every_process(ctx, "its training batch"):
+            images, labels = self.train_set.train_batch(index, self.generators["augment"])
         state.epoch, state.epoch_offset = epoch, offset  # moved on only once the batch is read
         return to_device(images, self.device), (None if labels is None
                                                 else to_device(labels, self.device))
@@ -897,9 +898,10 @@ class Trainer:
                                                                     len(self.valid_set))
         shard = distributed.Shard(self.valid_set, distributed.eval_shard(ctx, n))
         values = torch.zeros(0, dtype=torch.float64)
-        if len(shard):
-            seed = distributed.stream_seed(t.seed, ctx.rank, 0, "eval")
-            values = evaluate(self.model, shard, seed=seed).per_image  # type: ignore[arg-type]
+        with _on_every_process(ctx, "its validation images"):
+            if len(shard):
+                seed = distributed.stream_seed(t.seed, ctx.rank, 0, "eval")
+                values = evaluate(self.model, shard, seed=seed).per_image  # type: ignore[arg-type]
         return distributed.gather_shards(ctx, values, n).mean().item()
 
     def write_samples(self) -> Path:
@@ -925,8 +927,9 @@ class Trainer:
         so no step is lost, and the checkpoint records what the step had left to do
         (``pending``: its validation, grid or checkpoint) for the resumed run. A non-finite
         validation score stops the run without one (the model that gave it must not replace a
-        good checkpoint), naming the last good checkpoint. On one process; with several, the
-        others wait in the next collective until torchrun stops them."""
+        good checkpoint), naming the last good checkpoint. The checkpoint on one process only:
+        with several, every process stops with the error at once (:func:`_on_every_process`)
+        and the run resumes from its last checkpoint."""
         try:
             yield
         except DatasetError:
@@ -1070,6 +1073,23 @@ class Trainer:
             bar.write(f"{signal.Signals(signum).name}: saved {latest_checkpoint(self.run_dir)} "
                       f"at step {self.state.step}{left}; rerun to resume")
         _stop_now(signum)
+
+
+@contextlib.contextmanager
+def _on_every_process(ctx: DistributedContext, what: str) -> Iterator[None]:
+    """Raise the :class:`DatasetError` one process meets inside the block on every process
+    (the others: one naming the process), at the same point, so that none waits for it in a
+    collective. One integer all-reduced per use with several processes; nothing on one."""
+    error = None
+    try:
+        yield
+    except DatasetError as e:
+        if not ctx.enabled:
+            raise
+        error = e
+    if distributed.any_process(ctx, error is not None):
+        raise error or DatasetError(f"another process could not read {what} (its error names "
+                                    "the file); this one stops with it")
 
 
 @dataclass

@@ -99,7 +99,7 @@ def barrier(ctx: DistributedContext) -> None:
         dist.barrier()
 
 
-def _host_max(ctx: DistributedContext, value: int) -> int:
+def max_over_processes(ctx: DistributedContext, value: int) -> int:
     """The largest of the processes' ``value``: one integer all-reduced on the host (gloo), so
     it never waits for a GPU."""
     if not ctx.enabled:
@@ -112,14 +112,7 @@ def _host_max(ctx: DistributedContext, value: int) -> int:
 def agreed_signal(ctx: DistributedContext, signum: int | None) -> int | None:
     """The signal any process was asked to stop by (the largest number where several were:
     SIGTERM before SIGINT), or None: every process then stops after the same step."""
-    return _host_max(ctx, signum or 0) or None
-
-
-def any_process(ctx: DistributedContext, flag: bool) -> bool:
-    """Whether ``flag`` is true on any process: where one process cannot go on (a file it
-    cannot decode), every process stops there, instead of the others waiting in the next
-    collective until its timeout."""
-    return bool(_host_max(ctx, int(flag)))
+    return max_over_processes(ctx, signum or 0) or None
 
 
 def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:

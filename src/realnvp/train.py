@@ -911,7 +911,7 @@ class Trainer:
         if self.model.config.num_classes:  # the labels of the first validation images, cycled
             labelled = self.train_set if self.valid_set is None else self.valid_set
             index = torch.arange(t.sample_count) % len(labelled)
-            cond = labelled.get_batch(index)[1].to(self.device)
+            cond = labelled.labels[index].to(self.device)  # labels only: no image decoded
         images = self.model.sample(t.sample_count, cond=cond, generator=g)
         return save_image_grid(images, self.run_dir / "samples" / f"step-{self.state.step:07d}.png")
 
@@ -1077,19 +1077,28 @@ class Trainer:
 
 @contextlib.contextmanager
 def _on_every_process(ctx: DistributedContext, what: str) -> Iterator[None]:
-    """Raise the :class:`DatasetError` one process meets inside the block on every process
-    (the others: one naming the process), at the same point, so that none waits for it in a
-    collective. One integer all-reduced per use with several processes; nothing on one."""
+    """An error one process meets inside the block (which holds no collective) stops every
+    process at the same point: that one raises it, the others a :class:`DatasetError` (the
+    process met one: a file it cannot decode) or a RuntimeError (anything else), so that none
+    waits for it in the next collective. One integer all-reduced per use with several
+    processes; nothing on one."""
     error = None
     try:
         yield
-    except DatasetError as e:
+    except Exception as e:
         if not ctx.enabled:
             raise
         error = e
-    if distributed.any_process(ctx, error is not None):
-        raise error or DatasetError(f"another process could not read {what} (its error names "
-                                    "the file); this one stops with it")
+    kind = distributed.max_over_processes(
+        ctx, 0 if error is None else 1 if isinstance(error, DatasetError) else 2)
+    if error is not None:
+        raise error
+    if kind == 1:
+        raise DatasetError(f"another process could not read {what} (its error names the "
+                           "file); this one stops with it")
+    if kind == 2:
+        raise RuntimeError(f"another process failed while reading {what}; this one stops "
+                           "with it")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -397,6 +398,55 @@ def test_a_bad_image_on_one_rank_stops_every_rank_at_once(tmp_path, one_thread_e
     assert f"another process could not read its {what}" in errors[0]["message"]
     assert errors[0]["step"] == errors[1]["step"] == 2
     assert all(e["s"] < 120 for e in errors)
+
+
+def _own_data_worker(rank: int, world: int, run_dir: Path, data_dirs: list[str],
+                     out: Path) -> None:
+    """Each rank reads its own copy of the data (as on nodes with local disks)."""
+    start = time.time()
+    try:
+        Trainer(MODEL, step_config(run_dir, 8, dataset="npz", data_dir=data_dirs[rank],
+                                   valid_size=8))
+        result = {"error": None}
+    except (DatasetError, RuntimeError) as error:
+        result = {"error": type(error).__name__, "message": str(error)}
+    (out / f"result-{rank}.json").write_text(json.dumps({**result, "s": time.time() - start}))
+
+
+def _npz(path: Path, pixels: np.ndarray) -> str:
+    np.savez(path, x_train=pixels)
+    return str(path)
+
+
+def test_every_rank_checks_its_data_against_rank_zeros(tmp_path, one_thread_env):
+    """Rank 1's copy of the data with one pixel changed (as many images): both ranks refuse
+    to start, naming rank 1 and the changed split's CRC; a copy rank 1 cannot read
+    stops rank 0 too, instead of leaving it in the next collective; the same copy starts."""
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    same = _npz(tmp_path / "same.npz", pixels)
+    other = pixels.copy()
+    other[3, 5, 5, 0] ^= 1
+    cases = {"same": [same, same],
+             "changed": [same, _npz(tmp_path / "changed.npz", other)],
+             "missing": [same, str(tmp_path / "missing.npz")]}
+    results = {}
+    for case, data_dirs in cases.items():
+        out = tmp_path / case
+        out.mkdir()
+        spawn(_own_data_worker, 2, tmp_path / f"run-{case}", data_dirs, out)
+        results[case] = [json.loads((out / f"result-{r}.json").read_text()) for r in range(2)]
+    assert [r["error"] for r in results["same"]] == [None, None]
+    for r in results["changed"]:
+        assert r["error"] == "DatasetError"
+        assert "rank 1's data in" in r["message"] and "changed.npz" in r["message"]
+        # the changed image is in one split: that split's CRC, not the counts or positions
+        assert ("train content" in r["message"]) != ("valid content" in r["message"])
+        assert "train images" not in r["message"] and "positions" not in r["message"]
+    assert results["missing"][1]["error"] == "DatasetError"
+    assert "missing.npz" in results["missing"][1]["message"]
+    assert results["missing"][0]["error"] == "DatasetError"
+    assert "another process could not read its data files" in results["missing"][0]["message"]
+    assert all(r["s"] < 60 for case in results.values() for r in case)
 
 
 def _agreed_signal_worker(rank: int, world: int, out: Path) -> None:

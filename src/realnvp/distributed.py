@@ -124,6 +124,15 @@ def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:
     return box[0]
 
 
+def gather_objects(ctx: DistributedContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [obj]
+    boxes: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(boxes, obj)
+    return boxes
+
+
 # -- synchronised batch statistics ----------------------------------------------------------
 
 

@@ -355,6 +355,23 @@ def data_fingerprint(train_set: Any, valid_set: Any, conditional: bool = False
                if conditional else {})}
 
 
+def _same_data_everywhere(ranks: list[tuple[str | None, dict[str, Any]]]) -> dict[str, Any]:
+    """Rank 0's data fingerprint, after checking that every rank's ``(data_dir, fingerprint)``
+    has the same fingerprint: a DatasetError naming the first rank whose data differs, and
+    how, raised by every rank alike."""
+    (first_dir, first), *others = ranks
+    for rank, (data_dir, data) in enumerate(others, start=1):
+        changes = [f"{k.replace('_', ' ')} {first.get(k)} → {v}" for k, v in data.items()
+                   if first.get(k) != v]
+        if changes:
+            where = "" if data_dir is None else f" in {data_dir}"
+            there = "" if first_dir is None else f" in {first_dir}"
+            raise DatasetError(f"rank {rank}'s data{where} differs from rank 0's{there} "
+                               f"({', '.join(changes)}): every process must read the same "
+                               "images (the same files on every node)")
+    return first
+
+
 def _data_changes(payload: dict, data: dict[str, Any]) -> list[str]:
     saved = payload.get("data")  # absent from checkpoints written before it was saved
     if not isinstance(saved, dict):
@@ -598,32 +615,41 @@ class Trainer:
         set_malloc_policy(train.malloc)
         self.dist: DistributedContext = distributed.setup(train.device)
         self.device = self.dist.device
-        self.train_set = load_dataset(train.dataset, train.data_dir, "train", seed=train.seed,
-                                      valid_size=train.valid_size)
-        # valid_size 0: every training image trains and no validation runs (the paper's
-        # CIFAR-10 models saw all 50,000; score the test split afterwards, `realnvp eval`)
-        self.valid_set = None if train.valid_size == 0 else load_dataset(
-            train.dataset, train.data_dir, "valid", seed=train.seed, valid_size=train.valid_size)
-        if self.valid_set is not None:
-            _check_same_kind(train.dataset, self.train_set, self.valid_set, train.conditional)
-        # rank 0's, everywhere: the same data on every process, read (or stat-ed) once
-        self.data = distributed.broadcast_object(self.dist, data_fingerprint(
-            self.train_set, self.valid_set, train.conditional) if self.dist.is_main else None)
+        # Several processes: an error one of them meets while it reads its data or the
+        # checkpoint stops them all there (the others would wait in the next collective).
+        with _on_every_process(self.dist, "its data files"):
+            self.train_set = load_dataset(train.dataset, train.data_dir, "train",
+                                          seed=train.seed, valid_size=train.valid_size)
+            # valid_size 0: every training image trains and no validation runs (the paper's
+            # CIFAR-10 models saw all 50,000; score the test split afterwards, `realnvp eval`)
+            self.valid_set = None if train.valid_size == 0 else load_dataset(
+                train.dataset, train.data_dir, "valid", seed=train.seed,
+                valid_size=train.valid_size)
+            if self.valid_set is not None:
+                _check_same_kind(train.dataset, self.train_set, self.valid_set,
+                                 train.conditional)
+            data = data_fingerprint(self.train_set, self.valid_set, train.conditional)
+        # every process must train on the same images (a node's own copy of the data can
+        # differ from rank 0's): each compares every rank's fingerprint, so all stop together
+        self.data = _same_data_everywhere(
+            distributed.gather_objects(self.dist, (train.data_dir, data)))
         if train.random_flip is not None:
             if not hasattr(self.train_set, "random_flip"):
                 raise ValueError(f"random_flip is for images; {train.dataset!r} holds vectors")
             self.train_set.random_flip = train.random_flip
-        latest = latest_checkpoint(self.run_dir)
+        # rank 0's choice, everywhere
+        latest = distributed.broadcast_object(
+            self.dist, latest_checkpoint(self.run_dir) if self.dist.is_main else None)
         if latest is not None and not resume:  # two runs' checkpoints must never mix
             raise ValueError(f"{self.run_dir} holds the checkpoints of an earlier run ("
                              f"{latest.name}): resume it, or start a new run in another "
                              "run_dir")
-        latest = distributed.broadcast_object(self.dist, latest)  # rank 0's choice, everywhere
-        if latest is not None and not latest.is_file():
-            raise CheckpointError(f"rank {self.dist.rank} cannot see {latest}, from which rank 0 "
-                                  "resumes: the run directory must be on a filesystem that "
-                                  "every node shares")
-        payload = self._load_latest(latest)
+        with _on_every_process(self.dist, "the checkpoint to resume from"):
+            if latest is not None and not latest.is_file():
+                raise CheckpointError(f"rank {self.dist.rank} cannot see {latest}, from which "
+                                      "rank 0 resumes: the run directory must be on a "
+                                      "filesystem that every node shares")
+            payload = self._load_latest(latest)
         if payload is not None:
             _check_resume(latest, payload, train, self.data)
             model_config = config_from_payload(payload, latest)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -362,17 +363,20 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, one_thread_env
         assert torch.equal(ranks[0][2][k], ranks[1][2][k]), k
 
 
-def _bad_image_on_rank_one_worker(rank: int, world: int, run_dir: Path, out: Path,
-                                  where: str) -> None:
-    """Rank 1 alone meets a file it cannot decode: in its third training batch, or in its
-    validation shard."""
-    trainer = Trainer(MODEL, step_config(run_dir, 8, steps=4, eval_every=2, eval_images=8))
+def _bad_image_worker(rank: int, world: int, run_dir: Path, out: Path, where: str) -> None:
+    """One rank alone meets a file it cannot decode: rank 1 in its third training batch or in
+    its validation shard; or ("validation-uneven": 513 images, 2 batches on rank 0, 1 on rank
+    1) rank 0 in its second validation batch, while rank 1 has finished its shard."""
+    uneven = where == "validation-uneven"
+    trainer = Trainer(MODEL, step_config(run_dir, 8, steps=4, eval_every=2,
+                                         eval_images=513 if uneven else 8))
     dataset = trainer.train_set if where == "training" else trainer.valid_set
     read, calls = dataset.get_batch, [0]
+    bad_rank, bad_call = (0, 2) if uneven else (1, 3 if where == "training" else 1)
 
     def get_batch(*args):
         calls[0] += 1
-        if rank == 1 and calls[0] == (3 if where == "training" else 1):
+        if rank == bad_rank and calls[0] == bad_call:
             raise DatasetError("x/07.png: cannot decode image (truncated)")
         return read(*args)
 
@@ -385,17 +389,18 @@ def _bad_image_on_rank_one_worker(rank: int, world: int, run_dir: Path, out: Pat
             {"message": str(error), "step": trainer.state.step, "s": time.time() - start}))
 
 
-@pytest.mark.parametrize("where", ["training", "validation"])
+@pytest.mark.parametrize("where", ["training", "validation", "validation-uneven"])
 def test_a_bad_image_on_one_rank_stops_every_rank_at_once(tmp_path, one_thread_env, where):
     """Not one process stopping and the others waiting in the next collective until its timeout
     (gloo's: 30 minutes): every rank raises, the same step reached."""
     out = tmp_path / "out"
     out.mkdir()
-    spawn(_bad_image_on_rank_one_worker, 2, tmp_path / "run", out, where)
+    spawn(_bad_image_worker, 2, tmp_path / "run", out, where)
     errors = [json.loads((out / f"error-{r}.json").read_text()) for r in range(2)]
-    assert "07.png: cannot decode" in errors[1]["message"]
+    bad = 0 if where == "validation-uneven" else 1
+    assert "07.png: cannot decode" in errors[bad]["message"]
     what = "training batch" if where == "training" else "validation images"
-    assert f"another process could not read its {what}" in errors[0]["message"]
+    assert f"another process could not read its {what}" in errors[1 - bad]["message"]
     assert errors[0]["step"] == errors[1]["step"] == 2
     assert all(e["s"] < 120 for e in errors)
 
@@ -447,6 +452,56 @@ def test_every_rank_checks_its_data_against_rank_zeros(tmp_path, one_thread_env)
     assert results["missing"][0]["error"] == "DatasetError"
     assert "another process could not read its data files" in results["missing"][0]["message"]
     assert all(r["s"] < 60 for case in results.values() for r in case)
+
+
+def _stopped_in_validation_worker(rank: int, world: int, run_dir: Path, out: Path,
+                                  resumed: bool) -> None:
+    """Validation of 513 images: rank 0's shard has 2 batches, rank 1's 1. Rank 1 gets a
+    SIGTERM while it scores its batch of step 3 (or, resumed, step 6's)."""
+    trainer = Trainer(MODEL, step_config(run_dir, 8, steps=6, eval_every=3, eval_images=513,
+                                         checkpoint_every=1000))
+    pending = trainer.state.pending
+    read, batches = trainer.valid_set.get_batch, []
+
+    def get_batch(*args):
+        batches.append(trainer.state.step)
+        if rank == 1 and trainer.state.step == (6 if resumed else 3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return read(*args)
+
+    trainer.valid_set.get_batch = get_batch
+    try:
+        trainer.run()
+        code = 0
+    except SystemExit as stopped:
+        code = stopped.code
+    (out / f"rank-{rank}.json").write_text(json.dumps(
+        {"code": code, "batches": batches, "pending": pending}))
+
+
+def test_a_stop_during_validation_stops_every_rank_after_its_batch(tmp_path, one_thread_env):
+    """A SIGTERM on rank 1 during its (shorter) validation shard: rank 0 stops before its next
+    batch instead of scoring the rest, every rank exits with 143, the checkpoint of step 3 has
+    its validation pending, and the resumed run validates step 3 first."""
+    out = tmp_path / "out"
+    for resumed in (False, True):
+        out.mkdir()
+        spawn(_stopped_in_validation_worker, 2, tmp_path / "run", out, resumed)
+        ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+        assert [r["code"] for r in ranks] == [128 + signal.SIGTERM] * 2
+        if not resumed:
+            assert [r["batches"] for r in ranks] == [[3], [3]]  # rank 0 scored 1 of its 2
+            assert [r["pending"] for r in ranks] == [[], []]
+        else:  # step 3's whole validation first, then step 6's cut short the same way
+            assert [r["batches"] for r in ranks] == [[3, 3, 6], [3, 6]]
+            assert [r["pending"] for r in ranks] == [["evaluate"]] * 2
+        saved = load_checkpoint(latest_checkpoint(tmp_path / "run"))["run_state"]
+        assert (saved["step"], saved["pending"]) == ((6, ["evaluate", "sample", "checkpoint"])
+                                                     if resumed else (3, ["evaluate"]))
+        shutil.rmtree(out)
+    valid = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+             .splitlines() if "valid_bpd" in line]
+    assert [r["step"] for r in valid] == [3]
 
 
 def _agreed_signal_worker(rank: int, world: int, out: Path) -> None:

@@ -102,11 +102,16 @@ def barrier(ctx: DistributedContext) -> None:
 def max_over_processes(ctx: DistributedContext, value: int) -> int:
     """The largest of the processes' ``value``: one integer all-reduced on the host (gloo), so
     it never waits for a GPU."""
+    return max_each_over_processes(ctx, [value])[0]
+
+
+def max_each_over_processes(ctx: DistributedContext, values: Sequence[int]) -> list[int]:
+    """The largest of the processes' ``values[i]``, for each i: one all-reduce on the host."""
     if not ctx.enabled:
-        return value
-    flag = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.host_group)
-    return int(flag)
+        return list(values)
+    flags = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=ctx.host_group)
+    return flags.tolist()
 
 
 def agreed_signal(ctx: DistributedContext, signum: int | None) -> int | None:

@@ -50,12 +50,25 @@ class EvaluationStopped(Exception):
     """:func:`evaluate` gave up between two batches because ``should_stop`` said so."""
 
 
+EVAL_BATCH_SIZE = 256  # images scored at a time, by default
+
+
+def eval_batch_size(model: RealNVP, dataset: ImageDataset, batch_size: int, samples: int
+                    ) -> int:
+    """The images :func:`evaluate` scores at a time: ``batch_size``, or fewer where the
+    dequantisation noise of ``samples`` draws would exceed NOISE_BYTES."""
+    if not model.config.is_image:
+        return batch_size
+    image_bytes = 4 * samples * math.prod(dataset.image_shape)
+    return max(1, min(batch_size, NOISE_BYTES // image_bytes))
+
+
 @torch.inference_mode()
 def evaluate(
     model: RealNVP,
     dataset: ImageDataset,
     *,
-    batch_size: int = 256,
+    batch_size: int = EVAL_BATCH_SIZE,
     samples: int = 1,
     max_images: int | None = None,
     seed: int = 0,
@@ -91,9 +104,7 @@ def evaluate(
                          "the dataset has no labels")
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    if model.config.is_image:  # at most NOISE_BYTES of noise at a time (many samples)
-        image_bytes = 4 * samples * math.prod(dataset.image_shape)
-        batch_size = max(1, min(batch_size, NOISE_BYTES // image_bytes))
+    batch_size = eval_batch_size(model, dataset, batch_size, samples)
     values = []
     with eval_mode(model):
         for start in range(0, n, batch_size):

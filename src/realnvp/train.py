@@ -71,7 +71,7 @@ from .checkpoint import (
 )
 from .data import DatasetError, ImageDataset, load_dataset
 from .distributed import DistributedContext, batchnorm_buffers
-from .evaluate import EvaluationStopped, evaluate
+from .evaluate import EVAL_BATCH_SIZE, EvaluationStopped, eval_batch_size, evaluate
 from .figures import save_image_grid
 from .memory import MEMORY_MODES
 from .model import (
@@ -912,9 +912,8 @@ class Trainer:
     def evaluate(self, stop: StopRequest | None = None) -> float:
         """Mean validation bits/dim (eval mode). Several processes evaluate one shard each
         (images r, r + W, ...) and gather the per-image values: the mean is over the same images
-        as on one process, with other dequantisation noise. On one process a ``stop`` request
-        ends it after the batch being scored (:class:`EvaluationStopped`); several processes
-        finish it first (their shards' batch counts may differ, so no per-batch agreement)."""
+        as on one process, with other dequantisation noise. A ``stop`` request on any process
+        ends it after the batch being scored (:class:`EvaluationStopped` on every process)."""
         t, ctx = self.train_config, self.dist
         if not ctx.enabled:
             should_stop = None if stop is None else (lambda: stop.signum is not None)
@@ -923,11 +922,42 @@ class Trainer:
         n = len(self.valid_set) if t.eval_images is None else min(t.eval_images,
                                                                     len(self.valid_set))
         shard = distributed.Shard(self.valid_set, distributed.eval_shard(ctx, n))
+        # Every process polls the others before each batch of the longest shard (a shorter
+        # shard's process after its own) and once after the last: the same all-reduces
+        # everywhere, from which each learns of a stop request or an error on any process.
+        batch = eval_batch_size(self.model, self.valid_set, EVAL_BATCH_SIZE, samples=1)
+        longest = math.ceil(n / ctx.world_size)
+        rounds, polls, settled = math.ceil(longest / batch), 0, False
+
+        def poll(error: Exception | None = None) -> bool:
+            nonlocal polls, settled
+            polls += 1
+            asked = 0 if stop is None or stop.signum is None else stop.signum
+            signum, kind = distributed.max_each_over_processes(ctx, [asked, _error_kind(error)])
+            settled = kind > 0
+            if error is not None:
+                raise error
+            _raise_for_another(kind, "its validation images")
+            if signum and stop is not None:
+                stop.signum = signum  # the process stops as the one that was asked to
+            return signum > 0
+
         values = torch.zeros(0, dtype=torch.float64)
-        with _on_every_process(ctx, "its validation images"):
+        try:
             if len(shard):
                 seed = distributed.stream_seed(t.seed, ctx.rank, 0, "eval")
-                values = evaluate(self.model, shard, seed=seed).per_image  # type: ignore[arg-type]
+                values = evaluate(self.model, shard, batch_size=EVAL_BATCH_SIZE,  # type: ignore[arg-type]
+                                  seed=seed, should_stop=poll).per_image
+            while polls < rounds:
+                if poll():
+                    raise EvaluationStopped(f"stopped after {polls - 1} of {rounds} batches")
+        except EvaluationStopped:
+            raise
+        except Exception as error:
+            if settled:  # another process's error, learnt in a poll
+                raise
+            poll(error)  # this process's: the others learn it in their next poll
+        poll()  # a stop asked for now waits for the end of the step: the validation is done
         return distributed.gather_shards(ctx, values, n).mean().item()
 
     def write_samples(self) -> Path:
@@ -1115,10 +1145,20 @@ def _on_every_process(ctx: DistributedContext, what: str) -> Iterator[None]:
         if not ctx.enabled:
             raise
         error = e
-    kind = distributed.max_over_processes(
-        ctx, 0 if error is None else 1 if isinstance(error, DatasetError) else 2)
+    kind = distributed.max_over_processes(ctx, _error_kind(error))
     if error is not None:
         raise error
+    _raise_for_another(kind, what)
+
+
+def _error_kind(error: Exception | None) -> int:
+    """What a process tells the others (:func:`_on_every_process`): 0 no error, 1 a
+    DatasetError, 2 any other."""
+    return 0 if error is None else 1 if isinstance(error, DatasetError) else 2
+
+
+def _raise_for_another(kind: int, what: str) -> None:
+    """The error a process raises when another met one of ``kind`` (:func:`_error_kind`)."""
     if kind == 1:
         raise DatasetError(f"another process could not read {what} (its error names the "
                            "file); this one stops with it")

@@ -130,8 +130,9 @@ def wait_until_released(tensor: Tensor, timeout_s: float = 1.0) -> None:
     object; if the process is exiting by then, a thread taking the GIL is ended and the process
     aborts (SIGABRT, "terminate called without an active exception"), although the run itself
     ended cleanly. Waiting here makes Python the last owner."""
+    use_count = getattr(tensor, "_use_count", None)  # private: absent in some versions
     deadline = time.monotonic() + timeout_s
-    while tensor._use_count() > 1 and time.monotonic() < deadline:
+    while use_count is not None and use_count() > 1 and time.monotonic() < deadline:
         time.sleep(0)  # let the worker thread run
 
 

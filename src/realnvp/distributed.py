@@ -92,10 +92,10 @@ def setup(device: str = "auto") -> DistributedContext:
 def shutdown() -> None:
     """Destroy the default process group, if there is one (at the end of a run)."""
     if dist.is_initialized():
-        # the tensors of collectives whose tensors no one here can wait for (those inside
-        # broadcast_object and gather_objects, the last before an error at start): a pause
-        # with the GIL free, so that gloo's threads let go of them before the interpreter
-        # exits (wait_until_released)
+        # broadcast_object's and gather_objects' tensors stay inside PyTorch, so no one can
+        # wait for them (wait_until_released): a pause with the GIL free lets gloo's threads
+        # let go of them before the interpreter exits (they are the last collectives before
+        # an error at start)
         time.sleep(0.1)
         dist.destroy_process_group()
 

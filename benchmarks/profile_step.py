@@ -7,9 +7,10 @@ operators' own time per category. The convolutions are the useful work; the rest
 ReLU, element-wise arithmetic, weight normalisation, the optimizer) is what a faster
 implementation can remove. Like bench.py, run it on a quiet machine; it prints the load.
 
-``--bound`` also times every convolution shape of the model on its own and adds them up: the
-speed of a step in which nothing but the convolutions took time, the most any eager
-implementation of this architecture can reach on the machine. It then measures bench.py's
+``--bound`` also times every convolution shape of the model on its own (forward, input gradient
+and weight gradient apart) and adds them up: the speed of a step in which nothing but the
+convolutions took time, the most any eager implementation of this architecture can reach on
+the machine. It then measures bench.py's
 convolution ceiling in the same process and prints the step's and the bound's share of it.
 """
 
@@ -188,9 +189,13 @@ def print_in_step_times(run_step, steps: int) -> None:
 
 def print_convolution_bound(model, images, batch_size: int,
                             gflop: float) -> tuple[float, float]:
-    """Time each of the model's convolution shapes alone (forward, then the gradients of input,
-    weight and bias), in the layout the model runs it in, and add them up over the model;
-    returns (seconds, FLOPs) per step of those convolutions."""
+    """Time each of the model's convolution shapes alone, in the layout the model runs it in:
+    its forward pass, its input gradient and its weight and bias gradients, each on its own
+    (the backward passes repeated on one retained graph); add them up over the model. Returns
+    (seconds, FLOPs) per step of those convolutions, forward and both gradients.
+
+    The three directions are printed apart because oneDNN's kernels for them differ: on the
+    CPUs measured here the weight gradient is the slowest of the three."""
     import collections
 
     import torch
@@ -208,28 +213,46 @@ def print_convolution_bound(model, images, batch_size: int,
         model.log_prob(dequantize(images), check=False)
     for h in hooks:
         h.remove()
-    print("\n| input | weight | layout | per step | ms each | GFLOP/s |\n|---|---|---|---|---|---|")
-    total_s = total_flop = 0.0
+    print("\n| input | weight | layout | per step | ms each (all three) | forward GFLOP/s "
+          "| input gradient | weight gradient | all three |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+    directions = ("forward", "input gradient", "weight gradient")
+    per_direction = dict.fromkeys(directions, 0.0)  # seconds per step
+    total_flop = 0.0
     bf16 = model.precision == "bf16"  # then the model's convolutions run under autocast
     for (x_shape, w_shape, nchw), count in sorted(counts.items()):
         fmt = torch.contiguous_format if nchw else torch.channels_last
         x = torch.randn(x_shape).contiguous(memory_format=fmt).requires_grad_()
         w = torch.randn(w_shape).requires_grad_()
         b = torch.zeros(w_shape[0], requires_grad=True)
-        grad = torch.randn(x_shape[0], w_shape[0], *x_shape[2:]).contiguous(memory_format=fmt)
+        padding = w_shape[2] // 2
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            out = F.conv2d(x, w, b, padding=padding)  # the graph the gradients are timed on
+        grad = torch.randn(out.shape, dtype=out.dtype).contiguous(memory_format=fmt)
 
-        def run(x=x, w=w, b=b, grad=grad, padding=w_shape[2] // 2, bf16=bf16):
-            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                out = F.conv2d(x, w, b, padding=padding)
-            torch.autograd.grad(out, (x, w, b), grad.to(out.dtype))
+        def forward(x=x, w=w, b=b, padding=padding, bf16=bf16):
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                F.conv2d(x, w, b, padding=padding)
 
-        seconds = min(bench.timed(run, torch.device("cpu"), 2, 5))
-        flop = 3 * 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] \
-            * w_shape[2] * w_shape[3]
-        total_s, total_flop = total_s + count * seconds, total_flop + count * flop
+        def input_gradient(out=out, x=x, grad=grad):
+            torch.autograd.grad(out, (x,), grad, retain_graph=True)
+
+        def weight_gradient(out=out, w=w, b=b, grad=grad):
+            torch.autograd.grad(out, (w, b), grad, retain_graph=True)
+
+        seconds = [min(bench.timed(f, torch.device("cpu"), 2, 5))
+                   for f in (forward, input_gradient, weight_gradient)]
+        flop = 2 * x_shape[0] * x_shape[2] * x_shape[3] * w_shape[0] * w_shape[1] \
+            * w_shape[2] * w_shape[3]  # of one direction: the three cost the same
+        for direction, s in zip(directions, seconds):
+            per_direction[direction] += count * s
+        total_flop += count * 3 * flop
+        rates = " | ".join(f"{flop / s / 1e9:.0f}" for s in seconds)
         print(f"| {list(x_shape)} | {list(w_shape)} | {'NCHW' if nchw else 'NHWC'} | {count} "
-              f"| {1e3 * seconds:.1f} | {flop / seconds / 1e9:.0f} |")
-    print(f"\nconvolutions alone, each timed on its own: {total_s:.2f} s per step, "
+              f"| {1e3 * sum(seconds):.1f} | {rates} | {3 * flop / sum(seconds) / 1e9:.0f} |")
+    total_s = sum(per_direction.values())
+    split = ", ".join(f"{d} {s:.2f} s" for d, s in per_direction.items())
+    print(f"\nconvolutions alone, each timed on its own: {total_s:.2f} s per step ({split}), "
           f"{total_flop / total_s / 1e9:.0f} GFLOP/s, {batch_size / total_s:.2f} img/s (the "
           f"bound of a step whose other work took no time; {3 * gflop * batch_size:.0f} GFLOP "
           f"per step by the flop counter, {total_flop / 1e9:.0f} in these convolutions)")

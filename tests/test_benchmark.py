@@ -140,6 +140,44 @@ def test_convolution_bound_times_every_convolution_of_the_model(capsys):
     assert "| [4, 8, 32, 32] |" in out and "| [4, 16, 16, 16] |" in out
 
 
+def test_convolution_bound_times_each_direction_of_a_convolution_alone(capsys):
+    # --bound prints the forward pass, the input gradient and the weight gradient apart: each
+    # timed call must compute its own direction and nothing else (no forward pass hidden in a
+    # backward timing, no weight gradient in the input gradient's).
+    import profile_step
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from realnvp import RealNVP
+    from realnvp.networks import WeightNormConv2d
+
+    model = RealNVP.from_preset("cifar10", res_blocks=1, features=8).set_memory_format(
+        "channels_last")
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    calls: list[tuple[bool, ...] | None] = []  # None: a forward convolution
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name == "convolution_backward":
+                calls.append(tuple(args[-1]))  # output_mask: input, weight, bias
+            elif name == "convolution":
+                calls.append(None)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        profile_step.print_convolution_bound(model, images, 2, 1.0)
+    shapes = sum(line.startswith("| [") for line in capsys.readouterr().out.splitlines())
+    modules = sum(isinstance(m, WeightNormConv2d) for m in model.modules())
+    assert shapes >= 2
+    # per shape 2 warm-up and 5 timed calls of each direction, and one more forward pass that
+    # records the graph the gradients are timed on; before them the model's own forward pass
+    assert calls.count((True, False, False)) == 7 * shapes
+    assert calls.count((False, True, True)) == 7 * shapes
+    assert calls.count(None) == modules + 8 * shapes
+    assert len(calls) == modules + 22 * shapes
+
+
 def test_benchmark_training_step_never_waits_for_the_device():
     import bench
     import torch

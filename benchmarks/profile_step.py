@@ -10,8 +10,8 @@ implementation can remove. Like bench.py, run it on a quiet machine; it prints t
 ``--bound`` also times every convolution shape of the model on its own (forward, input gradient
 and weight gradient apart) and adds them up: the speed of a step in which nothing but the
 convolutions took time, the most any eager implementation of this architecture can reach on
-the machine. It then measures bench.py's
-convolution ceiling in the same process and prints the step's and the bound's share of it.
+the machine. It then measures bench.py's convolution ceiling in the same process and prints
+the step's and the bound's share of it.
 """
 
 from __future__ import annotations
